@@ -1,0 +1,149 @@
+"""The augmentation pipeline: pad + random crop, horizontal flip, one cutout hole; then normalisation.
+
+Two implementations of one semantics:
+- `albumentations_pipeline`: per image, with albumentations (the reference; `augment.backend: albumentations`).
+- `BatchAugment`: whole batches with tensor ops on the data's own device (the default: fast on CPU and GPU).
+Normalising first and then padding/cropping is the same as the other way round for reflect/replicate padding, and
+lets the cutout hole (and constant padding) be exactly the dataset mean, i.e. 0 after normalisation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from cifar_resnet.runtime import derive_seed
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks its version online at import
+
+
+def albumentations_pipeline(aug, mean, std, seed: int | None = None):
+    """Per-image pipeline on HWC uint8 arrays -> normalised float32 HWC arrays."""
+    import albumentations as A
+    import cv2
+
+    border = {"reflect": cv2.BORDER_REFLECT_101, "constant": cv2.BORDER_CONSTANT,
+              "replicate": cv2.BORDER_REPLICATE}[aug.pad_mode]
+    size = 32 + 2 * aug.pad
+    transforms = [
+        A.Normalize(mean=[m / 255 for m in mean], std=[s / 255 for s in std], max_pixel_value=255.0),
+        A.PadIfNeeded(min_height=size, min_width=size, border_mode=border, fill=0),
+        A.RandomCrop(height=aug.crop, width=aug.crop),
+        A.HorizontalFlip(p=aug.flip_p),
+    ]
+    if aug.cutout:
+        transforms.append(A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(aug.cutout, aug.cutout),
+                                          hole_width_range=(aug.cutout, aug.cutout), fill=0, p=1.0))
+    return A.Compose(transforms, seed=seed)
+
+
+def _pad_index(pad: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source row (or column) of every row of the padded 32 + 2*pad image, and whether it is real (not fill)."""
+    pos = torch.arange(-pad, 32 + pad)
+    if mode == "reflect":  # like cv2.BORDER_REFLECT_101 and torch's 'reflect': no edge repeat
+        src = pos.abs()
+        src = torch.where(src > 31, 62 - src, src)
+    else:
+        src = pos.clamp(0, 31)
+    valid = torch.ones_like(pos, dtype=torch.bool) if mode != "constant" else (pos >= 0) & (pos <= 31)
+    return src, valid
+
+
+class BatchAugment:
+    """Draws an epoch's augmentation parameters at once from (seed, epoch, rank) and applies them per batch."""
+
+    def __init__(self, aug, mean, std, device):
+        self.aug = aug
+        self.device = device
+        src, valid = _pad_index(aug.pad, aug.pad_mode)
+        self.src, self.valid = src.to(device), valid.to(device)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.window = torch.arange(aug.crop, device=device)
+
+    def draw(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Crop offsets uniform over the (padded - crop + 1)^2 positions, flips with p = flip_p, one hole each."""
+        a = self.aug
+        span = 32 + 2 * a.pad - a.crop + 1
+        hole_span = a.crop - a.cutout + 1
+        params = {
+            "dy": torch.randint(span, (n,), generator=generator),
+            "dx": torch.randint(span, (n,), generator=generator),
+            "flip": torch.rand(n, generator=generator) < a.flip_p,
+            "hy": torch.randint(hole_span, (n,), generator=generator),
+            "hx": torch.randint(hole_span, (n,), generator=generator),
+        }
+        return {k: v.to(self.device) for k, v in params.items()}
+
+    def __call__(self, images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """uint8 (B, 3, 32, 32) -> augmented, normalised float32 (B, 3, crop, crop)."""
+        rows = p["dy"][:, None] + self.window  # (B, crop) positions in the padded image
+        cols = p["dx"][:, None] + self.window
+        cols = torch.where(p["flip"][:, None], cols.flip(1), cols)  # flipping the crop = reading it backwards
+        b = torch.arange(len(images), device=images.device)[:, None, None]
+        out = images[b, :, self.src[rows][:, :, None], self.src[cols][:, None, :]]  # (B, crop, crop, 3)
+        out = (out.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        keep = self.valid[rows][:, :, None] & self.valid[cols][:, None, :]  # constant padding -> mean (0)
+        if self.aug.cutout:
+            hole_r = (self.window >= p["hy"][:, None]) & (self.window < p["hy"][:, None] + self.aug.cutout)
+            hole_c = (self.window >= p["hx"][:, None]) & (self.window < p["hx"][:, None] + self.aug.cutout)
+            keep = keep & ~(hole_r[:, :, None] & hole_c[:, None, :])
+        return out * keep[:, None]
+
+
+def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return (images.float() - m) / s
+
+
+class Loader:
+    """The whole split as one uint8 tensor on the device; yields (images, labels) batches (airbench-style).
+
+    With `aug` set, each epoch is shuffled by (seed, epoch) (the same order on every rank) and augmented by
+    (seed, epoch, rank); a rank takes its share of every global batch. Without it, batches come in order, unaugmented.
+    """
+
+    def __init__(self, images, labels, batch_size: int, mean, std, device, aug=None, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = True, memory_format=None):
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.batch_size, self.mean, self.std, self.device = batch_size, mean, std, device
+        self.aug, self.seed, self.rank, self.world_size = aug, seed, rank, world_size
+        self.drop_last = drop_last and aug is not None
+        self.memory_format = memory_format or torch.contiguous_format
+        self.batch_augment = BatchAugment(aug, mean, std, device) if aug and aug.backend == "batched" else None
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int):
+        n, bs = len(self.images), self.batch_size
+        if self.aug is None:
+            order = torch.arange(n, device=self.device)
+        else:
+            order_gen = torch.Generator().manual_seed(derive_seed(self.seed, "shuffle", epoch))
+            order = torch.randperm(n, generator=order_gen).to(self.device)
+        share = bs // self.world_size
+        if self.batch_augment is not None:
+            aug_gen = torch.Generator().manual_seed(derive_seed(self.seed, "augment", epoch, self.rank))
+            params = self.batch_augment.draw(len(self) * share, aug_gen)
+        elif self.aug is not None:
+            pipeline = albumentations_pipeline(self.aug, self.mean, self.std,
+                                               seed=derive_seed(self.seed, "augment", epoch, self.rank) % 2**32)
+        for i in range(len(self)):
+            idx = order[i * bs:(i + 1) * bs]
+            if self.aug is not None:
+                idx = idx[self.rank * share:(self.rank + 1) * share]
+            images, labels = self.images[idx], self.labels[idx]
+            if self.batch_augment is not None:
+                x = self.batch_augment(images, {k: v[i * share:(i + 1) * share] for k, v in params.items()})
+            elif self.aug is not None:
+                hwc = images.permute(0, 2, 3, 1).cpu().numpy()
+                x = torch.from_numpy(np.stack([pipeline(image=im)["image"] for im in hwc]))
+                x = x.permute(0, 3, 1, 2).to(self.device)
+            else:
+                x = normalise(images, self.mean, self.std)
+            yield x.contiguous(memory_format=self.memory_format), labels

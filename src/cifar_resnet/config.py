@@ -1,0 +1,230 @@
+"""params.yaml -> typed, validated objects.
+
+Every stage calls `load_params()` before it does any work. A wrong type, an out-of-range value or an unknown key
+(a typo such as `lr_mx`, which DVC lets through with `-S +lr_mx=...` or a hand edit) raises `ParamsError` naming
+the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cifar_resnet.errors import ParamsError
+
+
+def _check(rule: str):
+    """Attach a rule (checked by `_validate_value`) and its human wording to a dataclass field."""
+    return {"rule": rule}
+
+
+@dataclass(frozen=True)
+class DataParams:
+    url: str = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    train_limit: int | None = field(default=None, metadata=_check("positive"))
+    test_limit: int | None = field(default=None, metadata=_check("positive"))
+    val_size: int = field(default=0, metadata=_check("non_negative"))
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    channels: tuple[int, int, int, int] = (64, 128, 256, 512)
+    logit_scale: float = field(default=0.125, metadata=_check("positive"))
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    pad: int = field(default=4, metadata=_check("non_negative"))
+    pad_mode: str = field(default="reflect", metadata=_check("one_of:reflect,constant,replicate"))
+    crop: int = field(default=32, metadata=_check("positive"))
+    flip_p: float = field(default=0.5, metadata=_check("probability"))
+    cutout: int = field(default=8, metadata=_check("non_negative"))
+    backend: str = field(default="batched", metadata=_check("one_of:batched,albumentations"))
+
+
+@dataclass(frozen=True)
+class LrRangeTestParams:
+    start_lr: float = field(default=1e-4, metadata=_check("positive"))
+    end_lr: float = field(default=10.0, metadata=_check("positive"))
+    num_iter: int = field(default=100, metadata=_check("positive"))
+    smoothing: float = field(default=0.98, metadata=_check("fraction"))
+    divergence: float = field(default=4.0, metadata=_check("above_one"))
+    divisor: float = field(default=10.0, metadata=_check("positive"))
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = field(default=24, metadata=_check("positive"))
+    peak_epoch: int = field(default=5, metadata=_check("positive"))
+    batch_size: int = field(default=512, metadata=_check("positive"))
+    momentum: float = field(default=0.9, metadata=_check("fraction"))
+    nesterov: bool = True
+    weight_decay: float = field(default=5e-4, metadata=_check("non_negative"))
+    device: str = field(default="auto", metadata=_check("one_of:auto,cpu,cuda,mps"))
+    precision: str = field(default="auto", metadata=_check("one_of:auto,fp32,bf16,fp16"))
+    channels_last: bool | str = field(default="auto", metadata=_check("auto_or_bool"))
+    compile: bool = False
+    nproc: int = field(default=1, metadata=_check("positive"))
+    sync_bn: bool = False
+    threads: int = field(default=0, metadata=_check("non_negative"))
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = field(default=1000, metadata=_check("positive"))
+
+
+@dataclass(frozen=True)
+class GalleryParams:
+    num_images: int = field(default=36, metadata=_check("positive"))
+    columns: int = field(default=6, metadata=_check("positive"))
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = field(default=0, metadata=_check("non_negative"))
+    lr_max: float | str = field(default="auto", metadata=_check("auto_or_positive"))
+    lr_min_factor: float = field(default=0.01, metadata=_check("open_unit"))
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    augment: AugmentParams = AugmentParams()
+    lr_range_test: LrRangeTestParams = LrRangeTestParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    gallery: GalleryParams = GalleryParams()
+
+
+_RULES = {
+    "positive": ("a number > 0", lambda v: v > 0),
+    "non_negative": ("a number >= 0", lambda v: v >= 0),
+    "probability": ("a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "fraction": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "open_unit": ("a number in (0, 1)", lambda v: 0 < v < 1),
+    "above_one": ("a number > 1", lambda v: v > 1),
+}
+
+
+def _type_name(tp) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {len(args)} integers"
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _is_instance(value, tp) -> bool:
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is type(None):
+        return value is None
+    return isinstance(value, tp)
+
+
+def _validate_value(key: str, value, tp, rule: str | None):
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple:
+        if not (isinstance(value, list) and len(value) == len(args) and all(_is_instance(v, int) and v > 0 for v in value)):
+            raise ParamsError(f"{key}: expected {_type_name(tp)} > 0, got {value!r}")
+        return tuple(value)
+    if rule == "auto_or_positive":
+        if value == "auto" or (_is_instance(value, float) and value > 0):
+            return float(value) if value != "auto" else value
+        raise ParamsError(f"{key}: expected 'auto' or a number > 0, got {value!r}")
+    if rule == "auto_or_bool":
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ParamsError(f"{key}: expected 'auto', true or false, got {value!r}")
+    candidates = args or (tp,)
+    if not any(_is_instance(value, t) for t in candidates):
+        raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if value is None:
+        return value
+    if rule and rule.startswith("one_of:"):
+        allowed = rule.split(":", 1)[1].split(",")
+        if value not in allowed:
+            raise ParamsError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
+    elif rule:
+        wording, ok = _RULES[rule]
+        if not ok(value):
+            raise ParamsError(f"{key}: expected {wording}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix or 'params.yaml'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        name = f"{prefix}{unknown[0]}"
+        raise ParamsError(f"{name}: unknown key (allowed here: {', '.join(sorted(fields))})")
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in raw:
+            continue  # the default applies
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, raw[name], f"{key}.")
+        else:
+            values[name] = _validate_value(key, raw[name], tp, f.metadata.get("rule"))
+    return cls(**values)
+
+
+def _cross_checks(p: Params) -> None:
+    t, a = p.train, p.augment
+    if t.peak_epoch >= t.epochs:
+        raise ParamsError(f"train.peak_epoch: expected less than train.epochs ({t.epochs}), got {t.peak_epoch}")
+    if t.batch_size % t.nproc:
+        raise ParamsError(f"train.batch_size: expected a multiple of train.nproc ({t.nproc}), got {t.batch_size}")
+    if a.crop > 32 + 2 * a.pad:
+        raise ParamsError(f"augment.crop: expected at most 32 + 2 * augment.pad = {32 + 2 * a.pad}, got {a.crop}")
+    if a.cutout > a.crop:
+        raise ParamsError(f"augment.cutout: expected at most augment.crop ({a.crop}), got {a.cutout}")
+    if a.pad_mode == "reflect" and a.pad >= 32:
+        raise ParamsError(f"augment.pad: reflect padding needs a value below 32, got {a.pad}")
+    r = p.lr_range_test
+    if r.end_lr <= r.start_lr:
+        raise ParamsError(f"lr_range_test.end_lr: expected more than start_lr ({r.start_lr}), got {r.end_lr}")
+    if r.num_iter < 10:
+        raise ParamsError(f"lr_range_test.num_iter: expected at least 10, got {r.num_iter}")
+    if t.sync_bn and t.device == "cpu":
+        raise ParamsError("train.sync_bn: SyncBatchNorm runs on GPUs only; set it to false with train.device=cpu")
+
+
+def parse_params(raw) -> Params:
+    params = _build(Params, raw if raw is not None else {}, "")
+    _cross_checks(params)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found (run from the repository root)") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(raw)
+
+
+def resolve_lr_max(params: Params, range_test_result: dict | None) -> tuple[float, float, str]:
+    """(LRMAX, LRMIN, where LRMAX came from). LRMIN follows one rule: LRMAX * lr_min_factor."""
+    if params.lr_max == "auto":
+        if range_test_result is None:
+            raise ParamsError("lr_max: 'auto' needs metrics/lr_range_test.json; run the lr_range_test stage first")
+        lr_max, source = float(range_test_result["lr_max"]), "lr_range_test"
+    else:
+        lr_max, source = float(params.lr_max), "params.yaml"
+    return lr_max, lr_max * params.lr_min_factor, source

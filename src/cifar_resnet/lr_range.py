@@ -1,0 +1,114 @@
+"""The LR range test (Smith) and the rule that picks LRMAX from it.
+
+A fresh model trains on the training split with the LR growing exponentially from `start_lr` to `end_lr` over
+`num_iter` batches; the loss is smoothed with a bias-corrected EMA. The test stops early when the smoothed loss
+exceeds `divergence` times its minimum (or is not finite): that is its normal end.
+
+Pick rule: LRMAX = (LR at the minimum of the smoothed loss) / `divisor`. The minimum of a smoothed curve is robust
+to the early noise that fools the steepest-gradient point, and dividing by 10 (fastai's "minimum / 10") lands
+where the loss is still falling fast, well before the edge of stability. LRMIN = LRMAX * `lr_min_factor`.
+A minimum in the first or last tenth of the iterations run means the range did not bracket the useful LRs; that
+fails clearly instead of returning a pick at its edge.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from cifar_resnet.augment import Loader
+from cifar_resnet.errors import CifarResnetError
+from cifar_resnet.model import build_model
+
+RULE = "lr_max = lr_at_min_smoothed_loss / divisor; lr_min = lr_max * lr_min_factor"
+
+
+class RangeTestError(CifarResnetError):
+    """The range test could not bracket a sensible LRMAX."""
+
+
+def lr_at(i: int, start_lr: float, end_lr: float, num_iter: int) -> float:
+    return start_lr * (end_lr / start_lr) ** (i / (num_iter - 1))
+
+
+def pick_lr_max(lrs: list[float], smoothed: list[float], divisor: float, stopped_early: bool) -> tuple[float, int]:
+    """(LRMAX, index of the smoothed-loss minimum), or RangeTestError when the minimum sits at an edge."""
+    best = min(range(len(smoothed)), key=smoothed.__getitem__)
+    edge = max(1, len(smoothed) // 10)
+    if best < edge:
+        raise RangeTestError(
+            f"lr_range_test: the smoothed loss was lowest at LR {lrs[best]:.3g}, in the first tenth of the range "
+            f"(of {len(smoothed)} iterations): lower lr_range_test.start_lr or check the data")
+    if best >= len(smoothed) - edge and not stopped_early:
+        raise RangeTestError(
+            f"lr_range_test: the smoothed loss was still falling at the end of the range (LR {lrs[best]:.3g}): "
+            "raise lr_range_test.end_lr or num_iter")
+    return lrs[best] / divisor, best
+
+
+def run_range_test(params, data, mean, std, runtime, log=print, progress: bool = True) -> dict:
+    rp, tp = params.lr_range_test, params.train
+    torch.manual_seed(params.seed)
+    model = build_model(params.model).to(runtime.device, memory_format=runtime.memory_format)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=rp.start_lr, momentum=tp.momentum, nesterov=tp.nesterov,
+                                weight_decay=tp.weight_decay)
+    loader = Loader(data.train_images, data.train_labels, tp.batch_size, mean, std, runtime.device,
+                    aug=params.augment, seed=params.seed, memory_format=runtime.memory_format)
+    if len(loader) == 0:
+        raise RangeTestError(f"lr_range_test: train.batch_size {tp.batch_size} exceeds the "
+                             f"{len(data.train_images)} training images")
+
+    from tqdm import tqdm
+
+    lrs, losses, smoothed = [], [], []
+    avg, best, stopped_early, i, epoch = 0.0, math.inf, False, 0, 0
+    bar = tqdm(total=rp.num_iter, desc="lr range test", leave=False, disable=not progress)
+    while i < rp.num_iter and not stopped_early:
+        epoch += 1
+        for x, y in loader.epoch(epoch):
+            if i >= rp.num_iter:
+                break
+            lr = lr_at(i, rp.start_lr, rp.end_lr, rp.num_iter)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with runtime.autocast():
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            value = loss.item()
+            if not math.isfinite(value):
+                stopped_early = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            avg = rp.smoothing * avg + (1 - rp.smoothing) * value
+            debiased = avg / (1 - rp.smoothing ** (i + 1))
+            lrs.append(lr), losses.append(value), smoothed.append(debiased)
+            best = min(best, debiased)
+            i += 1
+            bar.update(1)
+            bar.set_postfix(lr=f"{lr:.3g}", loss=f"{debiased:.3f}", refresh=False)
+            if debiased > rp.divergence * best:
+                stopped_early = True
+                break
+    bar.close()
+    if len(smoothed) < 10:
+        raise RangeTestError(f"lr_range_test: diverged after {len(smoothed)} iterations, before any minimum: "
+                             "lower lr_range_test.start_lr")
+    lr_max, best_index = pick_lr_max(lrs, smoothed, rp.divisor, stopped_early)
+    log(f"lr range test: {len(lrs)} iterations, smoothed loss lowest at LR {lrs[best_index]:.4g}, "
+        f"LRMAX = {lr_max:.4g}{' (stopped on divergence)' if stopped_early else ''}")
+    return {
+        "lr_max": round(lr_max, 6),
+        "lr_min": round(lr_max * params.lr_min_factor, 8),
+        "lr_at_min_loss": round(lrs[best_index], 6),
+        "min_smoothed_loss": round(smoothed[best_index], 6),
+        "rule": RULE.replace("divisor", f"{rp.divisor:g}").replace("lr_min_factor", f"{params.lr_min_factor:g}"),
+        "iterations": len(lrs),
+        "stopped_on_divergence": stopped_early,
+        "curve": [{"iteration": k + 1, "lr": round(lrs[k], 8), "loss": round(losses[k], 6),
+                   "smoothed_loss": round(smoothed[k], 6)} for k in range(len(lrs))],
+    }

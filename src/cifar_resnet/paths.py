@@ -1,0 +1,19 @@
+"""Where the stages read and write (dvc.yaml names the same paths)."""
+
+from pathlib import Path
+
+DATA_DIR = Path("data/cifar-10-batches-py")
+LR_RANGE_JSON = Path("metrics/lr_range_test.json")
+LR_RANGE_TSV = Path("plots/lr_range_test.tsv")
+LR_RANGE_PNG = Path("plots/lr_range_test.png")
+MODEL = Path("models/model.pt")
+MODEL_SUMMARY = Path("metrics/model_summary.txt")
+TRAIN_JSON = Path("metrics/train.json")
+TRAIN_HISTORY = Path("plots/history.tsv")
+TRAIN_TIMING = Path("timing/train.json")
+EVALUATE_JSON = Path("metrics/evaluate.json")
+CONFUSION_CSV = Path("plots/confusion.csv")
+PREDICTIONS = Path("models/predictions.npz")
+GALLERY_PNG = Path("plots/gallery.png")
+CURVES_PNG = Path("plots/curves.png")
+SCHEDULE_PNG = Path("plots/lr_schedule.png")

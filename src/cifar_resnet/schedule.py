@@ -1,0 +1,32 @@
+"""One Cycle LR, stepped per batch, without annihilation.
+
+The LR rises linearly from LRMIN at the first step to LRMAX at the last step of epoch `peak_epoch`, then falls
+linearly to LRMIN at the last step of the last epoch. It never goes below LRMIN. Momentum stays constant (Nesterov
+0.9): see the README for why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OneCycle:
+    lr_min: float
+    lr_max: float
+    total_steps: int
+    peak_step: int  # index of the step that runs at lr_max
+
+    @classmethod
+    def for_run(cls, lr_min: float, lr_max: float, epochs: int, peak_epoch: int, steps_per_epoch: int) -> "OneCycle":
+        return cls(lr_min, lr_max, epochs * steps_per_epoch, peak_epoch * steps_per_epoch - 1)
+
+    def __call__(self, step: int) -> float:
+        """LR of step `step` (0-based, counted over the whole run)."""
+        if not 0 <= step < self.total_steps:
+            raise IndexError(f"step {step} outside the schedule of {self.total_steps} steps")
+        if step <= self.peak_step:
+            frac = step / self.peak_step if self.peak_step else 1.0
+        else:
+            frac = (self.total_steps - 1 - step) / (self.total_steps - 1 - self.peak_step)
+        return self.lr_min + frac * (self.lr_max - self.lr_min)

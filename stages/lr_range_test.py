@@ -1,0 +1,34 @@
+"""Stage `lr_range_test`: the LR range test on the training split; writes the LRMAX pick for the train stage."""
+
+from cifar_resnet.runtime import use_fast_allocator
+
+use_fast_allocator()
+
+import sys  # noqa: E402
+
+from cifar_resnet.cli import log, run_stage  # noqa: E402
+from cifar_resnet.config import load_params  # noqa: E402
+from cifar_resnet.data import load_cifar10  # noqa: E402
+from cifar_resnet.io import write_json, write_tsv  # noqa: E402
+from cifar_resnet.lr_range import run_range_test  # noqa: E402
+from cifar_resnet.paths import DATA_DIR, LR_RANGE_JSON, LR_RANGE_PNG, LR_RANGE_TSV  # noqa: E402
+from cifar_resnet.report import lr_range_figure  # noqa: E402
+from cifar_resnet.runtime import pick_runtime  # noqa: E402
+
+
+def main() -> None:
+    params = load_params()
+    runtime = pick_runtime(params.train)
+    d = params.data
+    data = load_cifar10(DATA_DIR, d.train_limit, d.test_limit, d.val_size)
+    mean, std = data.mean_std()
+    log(f"lr range test on {len(data.train_images)} training images, {runtime.describe()}")
+    result = run_range_test(params, data, mean, std, runtime, log=log, progress=sys.stderr.isatty())
+    curve = result.pop("curve")
+    write_tsv(LR_RANGE_TSV, curve)
+    lr_range_figure(LR_RANGE_PNG, curve, result)
+    write_json(LR_RANGE_JSON, result)  # last: the train stage's input appears only once everything is written
+
+
+if __name__ == "__main__":
+    run_stage(main)
