@@ -54,7 +54,7 @@ class LrRangeTestParams:
     num_iter: int = field(default=100, metadata=_check("positive"))
     smoothing: float = field(default=0.98, metadata=_check("fraction"))
     divergence: float = field(default=4.0, metadata=_check("above_one"))
-    divisor: float = field(default=10.0, metadata=_check("positive"))
+    divisor: float = field(default=1.0, metadata=_check("positive"))
 
 
 @dataclass(frozen=True)
