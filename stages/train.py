@@ -18,7 +18,7 @@ from cifar_resnet import checkpoint  # noqa: E402
 from cifar_resnet.cli import log, run_stage  # noqa: E402
 from cifar_resnet.config import load_params, resolve_lr_max  # noqa: E402
 from cifar_resnet.data import load_cifar10, md5_of  # noqa: E402
-from cifar_resnet.errors import CifarResnetError  # noqa: E402
+from cifar_resnet.errors import CifarResnetError, DivergedError  # noqa: E402
 from cifar_resnet.io import write_json, write_text, write_tsv  # noqa: E402
 from cifar_resnet.launch import die_with_parent, relaunch_under_torchrun, under_torchrun  # noqa: E402
 from cifar_resnet.model import save_trained, summary  # noqa: E402
@@ -69,7 +69,12 @@ def run(params, dist: Dist) -> None:
     say(f"train: {len(data.train_images)} images ({len(data.val_images)} held out for validation), "
         f"LRMAX {lr_max:.4g} from {source}, LRMIN {lr_min:.4g}, {runtime.describe()}, {dist.world_size} process(es)")
 
-    result = train(params, data, mean, std, lr_max, lr_min, runtime, dist, run_key=key, log=say)
+    try:
+        result = train(params, data, mean, std, lr_max, lr_min, runtime, dist, run_key=key, log=say)
+    except DivergedError:
+        if dist.is_main:
+            checkpoint.remove(key)  # resuming would only diverge again
+        raise
     if not dist.is_main:
         return
     steps = len(data.train_images) // params.train.batch_size
