@@ -72,6 +72,7 @@ class TrainParams:
     nproc: int = field(default=1, metadata=_check("positive"))
     sync_bn: bool = False
     threads: int = field(default=0, metadata=_check("non_negative"))
+    max_loss: float = field(default=1000.0, metadata=_check("positive"))
 
 
 @dataclass(frozen=True)
@@ -161,10 +162,10 @@ def _validate_value(key: str, value, tp, rule: str | None):
 
 def _build(cls, raw, prefix: str):
     if not isinstance(raw, dict):
-        raise ParamsError(f"{prefix or 'params.yaml'}: expected a mapping of keys, got {raw!r}")
+        raise ParamsError(f"{prefix.rstrip('.') or 'params.yaml'}: expected a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be bools or ints (`on:`, `1:`)
     if unknown:
         name = f"{prefix}{unknown[0]}"
         raise ParamsError(f"{name}: unknown key (allowed here: {', '.join(sorted(fields))})")
@@ -216,6 +217,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}: file not found (run from the repository root)") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"{path}: cannot be read ({exc})") from None
     return parse_params(raw)
 
 
@@ -224,7 +227,11 @@ def resolve_lr_max(params: Params, range_test_result: dict | None) -> tuple[floa
     if params.lr_max == "auto":
         if range_test_result is None:
             raise ParamsError("lr_max: 'auto' needs metrics/lr_range_test.json; run the lr_range_test stage first")
-        lr_max, source = float(range_test_result["lr_max"]), "lr_range_test"
+        try:
+            lr_max, source = float(range_test_result["lr_max"]), "lr_range_test"
+        except (KeyError, TypeError, ValueError):
+            raise ParamsError("lr_max: 'auto' needs a number under 'lr_max' in metrics/lr_range_test.json; "
+                              "run the lr_range_test stage again") from None
     else:
         lr_max, source = float(params.lr_max), "params.yaml"
     return lr_max, lr_max * params.lr_min_factor, source

@@ -7,6 +7,7 @@ one uint8 tensor per split in a second or two, and is the one way every later st
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import pickle
 import shutil
@@ -52,8 +53,8 @@ def fetch(dest: str | Path, url: str, mirror: str | None = None, md5s: dict[str,
     """Write the verified CIFAR-10 folder to `dest` and return a description of where it came from.
 
     `mirror` (default: $CIFAR10_MIRROR) is a local folder holding `cifar-10-batches-py/` or the archive; without it the
-    archive is downloaded from `url`. Every member's md5 is checked against `md5s`; on any failure nothing is left
-    at `dest`.
+    archive is downloaded from `url`. Every member's md5 is checked against `md5s`; on any failure `dest` is left as
+    it was and no staging folder remains.
     """
     dest = Path(dest)
     mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV) or None
@@ -110,7 +111,7 @@ def _download(url: str, target: Path, progress: bool) -> None:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     out.write(chunk)
                     bar.update(len(chunk))
-    except OSError as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         raise DataError(f"{url}: download failed ({exc}); offline, point {MIRROR_ENV} at a local copy") from None
 
 
@@ -122,6 +123,8 @@ def _extract(archive: Path, staging: Path, md5s: dict[str, str]) -> None:
                     member = tar.getmember(f"{FOLDER}/{name}")
                 except KeyError:
                     raise DataError(f"{name}: missing from {archive}") from None
+                if not member.isfile():
+                    raise DataError(f"{name}: not a regular file in {archive}")
                 with tar.extractfile(member) as src, open(staging / name, "wb") as dst:
                     shutil.copyfileobj(src, dst)
     except (tarfile.TarError, EOFError, OSError) as exc:
@@ -182,8 +185,12 @@ class Cifar10:
 
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std of the training split, on the 0-255 scale."""
-        x = self.train_images.to(torch.float64)
-        return tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).tolist())
+        means, stds = [], []
+        for c in range(3):  # one channel at a time: float64 of all 50,000 images at once would be 1.2 GB
+            x = self.train_images[:, c].to(torch.float64)
+            means.append(x.mean().item())
+            stds.append(x.std().item())
+        return tuple(means), tuple(stds)
 
 
 def _read_split(folder: Path, files) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,11 +14,11 @@ class DataError(CifarResnetError):
 
 
 class DivergedError(CifarResnetError):
-    """Training produced a non-finite loss."""
+    """Training produced a non-finite (or exploding) loss."""
 
     def __init__(self, epoch: int, step: int, steps_per_epoch: int, lr: float, loss: float):
         self.epoch, self.step, self.lr, self.loss = epoch, step, lr, loss
         super().__init__(
-            f"training diverged: non-finite loss ({loss}) at epoch {epoch}, step {step} of {steps_per_epoch}, "
-            f"LR {lr:.6g}; lower lr_max and run again"
+            f"training diverged: loss {loss:.4g} (not finite, or above train.max_loss) at epoch {epoch}, "
+            f"step {step} of {steps_per_epoch}, LR {lr:.6g}; lower lr_max and run again"
         )

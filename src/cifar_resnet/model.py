@@ -111,6 +111,8 @@ def load_trained(path) -> tuple[ResNet9, dict]:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         raise DataError(f"{path}: missing (run the train stage)") from None
+    except Exception as exc:  # truncated or not a torch file
+        raise DataError(f"{path}: not a readable model file ({type(exc).__name__}: {exc})") from None
     cfg = state["model"]
     model = ResNet9(tuple(cfg["channels"]), logit_scale=cfg["logit_scale"])
     model.load_state_dict(state["state_dict"])

@@ -29,4 +29,4 @@ class OneCycle:
             frac = step / self.peak_step if self.peak_step else 1.0
         else:
             frac = (self.total_steps - 1 - step) / (self.total_steps - 1 - self.peak_step)
-        return self.lr_min + frac * (self.lr_max - self.lr_min)
+        return (1 - frac) * self.lr_min + frac * self.lr_max  # exact at both ends

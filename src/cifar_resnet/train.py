@@ -72,15 +72,18 @@ def evaluate_loader(model, loader: Loader, runtime: Runtime) -> tuple[float, flo
 
 
 class DivergenceWatch:
-    """Remembers the first step with a non-finite loss without a host sync per step (read every `every` steps)."""
+    """Remembers the first step whose loss is not finite or above `max_loss`, without a host sync per step (it is
+    read every `every` steps). A batch-normalised network can blow up without ever producing a NaN: its loss then
+    climbs by orders of magnitude, which the ceiling catches."""
 
-    def __init__(self, device, every: int):
-        self.every = every
+    def __init__(self, device, every: int, max_loss: float = float("inf")):
+        self.every, self.max_loss = every, max_loss
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
 
     def update(self, loss: torch.Tensor, step: int) -> None:
-        bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
+        value = loss.detach()
+        bad = (~torch.isfinite(value) | (value > self.max_loss)) & (self.first_bad < 0)
         self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
         self.bad_loss = torch.where(bad, loss.detach().float(), self.bad_loss)
 
@@ -147,7 +150,7 @@ def train(params, data, mean, std, lr_max: float, lr_min: float, runtime: Runtim
         net = torch.compile(net)
 
     on_cpu = runtime.device.type == "cpu"
-    watch = DivergenceWatch(runtime.device, every=1 if on_cpu else 20)
+    watch = DivergenceWatch(runtime.device, every=1 if on_cpu else 20, max_loss=tp.max_loss)
     progress = _progress_factory()
     for epoch in range(start_epoch, tp.epochs + 1):
         t0 = time.perf_counter()
@@ -194,11 +197,11 @@ def train(params, data, mean, std, lr_max: float, lr_min: float, runtime: Runtim
         result.history.append(row)
         result.epoch_seconds.append(round(seconds, 2))
         if dist.is_main:
-            log(_epoch_line(row, tp.epochs, seconds, seen * dist.world_size / seconds))
-            if run_key is not None:
+            if run_key is not None:  # saved before the epoch is reported: a reported epoch is never lost
                 ckpt.save(run_key, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                     "scaler": scaler.state_dict(), "epoch": epoch, "history": result.history,
                                     "epoch_seconds": result.epoch_seconds})
+            log(_epoch_line(row, tp.epochs, seconds, seen * dist.world_size / seconds))
         if dist.world_size > 1:
             torch.distributed.barrier()
     if result.epoch_seconds:
