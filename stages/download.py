@@ -1,12 +1,16 @@
 """Stage `download`: the official CIFAR-10 files, md5-verified, into data/cifar-10-batches-py ($CIFAR10_MIRROR
 names a local copy to take them from instead of data.url)."""
 
-import sys
+from cifar_resnet.runtime import start_stage_process
 
-from cifar_resnet.cli import log, run_stage
-from cifar_resnet.config import load_params
-from cifar_resnet.data import fetch, load_cifar10
-from cifar_resnet.paths import DATA_DIR
+start_stage_process(fast_allocator=False)  # before any third-party import: see its docstring
+
+import sys  # noqa: E402
+
+from cifar_resnet.cli import log, run_stage  # noqa: E402
+from cifar_resnet.config import load_params  # noqa: E402
+from cifar_resnet.data import fetch, load_cifar10  # noqa: E402
+from cifar_resnet.paths import DATA_DIR  # noqa: E402
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """Stage `evaluate`: test accuracy, loss and per-class accuracy of the trained model; the confusion matrix;
 the predictions the gallery draws from."""
 
-from cifar_resnet.runtime import use_fast_allocator
+from cifar_resnet.runtime import start_stage_process
 
-use_fast_allocator()
+start_stage_process(fast_allocator=True)  # before torch is imported: see its docstring
 
 import numpy as np  # noqa: E402
 

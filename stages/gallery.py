@@ -1,17 +1,21 @@
 """Stage `gallery`: PNGs a person can open anywhere: the most confident mistakes, loss/accuracy curves and the
 LR schedule the run used."""
 
-import json
+from cifar_resnet.runtime import start_stage_process
 
-import numpy as np
+start_stage_process(fast_allocator=False)  # before any third-party import: see its docstring
 
-from cifar_resnet.cli import log, run_stage
-from cifar_resnet.config import load_params
-from cifar_resnet.data import load_cifar10
-from cifar_resnet.paths import (CURVES_PNG, DATA_DIR, GALLERY_PNG, PREDICTIONS, SCHEDULE_PNG, TRAIN_HISTORY,
-                                TRAIN_JSON)
-from cifar_resnet.report import curves_figure, gallery_figure, schedule_figure
-from cifar_resnet.schedule import OneCycle
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from cifar_resnet.cli import log, run_stage  # noqa: E402
+from cifar_resnet.config import load_params  # noqa: E402
+from cifar_resnet.data import load_cifar10  # noqa: E402
+from cifar_resnet.paths import (CURVES_PNG, DATA_DIR, GALLERY_PNG, PREDICTIONS, SCHEDULE_PNG,  # noqa: E402
+                                TRAIN_HISTORY, TRAIN_JSON)
+from cifar_resnet.report import curves_figure, gallery_figure, schedule_figure  # noqa: E402
+from cifar_resnet.schedule import OneCycle  # noqa: E402
 
 
 def read_history(path) -> list[dict]:

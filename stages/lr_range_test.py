@@ -1,8 +1,8 @@
 """Stage `lr_range_test`: the LR range test on the training split; writes the LRMAX pick for the train stage."""
 
-from cifar_resnet.runtime import use_fast_allocator
+from cifar_resnet.runtime import start_stage_process
 
-use_fast_allocator()
+start_stage_process(fast_allocator=True)  # before torch is imported: see its docstring
 
 import sys  # noqa: E402
 

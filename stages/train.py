@@ -4,12 +4,12 @@ LRMAX is `lr_max` from params.yaml when it is a number, else the lr_range_test s
 the stage relaunches itself under torchrun (DistributedDataParallel; rank 0 writes every file).
 """
 
-from cifar_resnet.runtime import use_fast_allocator
+from cifar_resnet.runtime import start_stage_process
 
-use_fast_allocator()
+start_stage_process(fast_allocator=True)  # before torch is imported: see its docstring
 
 import json  # noqa: E402
-import sys  # noqa: E402
+import os  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -85,7 +85,8 @@ def run(params, dist: Dist) -> None:
               "seconds_training": round(sum(result.epoch_seconds), 1), "seconds_per_epoch": result.epoch_seconds,
               "images_per_second": result.images_per_second, "device": runtime.device.type,
               "cpu": cpu_model(), "precision": runtime.precision, "channels_last": runtime.channels_last,
-              "threads": runtime.threads, "processes": dist.world_size, "resumed_from_epoch": result.resumed_from}
+              "threads": runtime.threads, "processes": dist.world_size, "resumed_from_epoch": result.resumed_from,
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     save_trained(MODEL, result.model, params.model, mean, std, data.classes,
                  {"lr_max": lr_max, "lr_min": lr_min, "epochs": params.train.epochs})
     write_text(MODEL_SUMMARY, summary(result.model.cpu().float()) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -76,6 +77,8 @@ def test_train_writes_every_output_and_learns(baseline):
     assert sum(line.startswith("epoch ") for line in result.stdout.splitlines()) == EPOCHS
     timing = json.loads((ws / "timing/train.json").read_text())
     assert timing["device"] == "cpu" and len(timing["seconds_per_epoch"]) == EPOCHS
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":  # the stage sets the allocator itself
+        assert "glibc.malloc.mmap_threshold=4294967296" in timing["glibc_tunables"]
     saved = torch.load(ws / "models/model.pt", weights_only=False)
     assert list(saved["model"]["channels"]) == [8, 16, 32, 64] and len(saved["mean"]) == 3 and len(saved["classes"]) == 10
 

@@ -9,6 +9,7 @@ Each measurement runs in its own process, because the allocator setting is per p
   the step's precision, layout, batch, threads and allocator.
 - matmul: best of 5 timed 4096x4096 matmuls in the step's precision (the machine's practical peak).
 img/s is the median over `--steps` steps after 3 warm-up steps. The last line printed is one JSON object.
+`--profile` prints instead where the pipeline's step spends its time (torch.profiler, by operator).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def _setup(precision_override: str | None = None):
     return params, runtime, sync
 
 
-def measure_step(steps: int) -> dict:
+def _pipeline_step(steps: int):
+    """The pipeline's own training step on random data (timing does not depend on the pixels)."""
     import torch
     import torch.nn.functional as F
 
@@ -82,8 +84,27 @@ def measure_step(steps: int) -> dict:
         loss.backward()
         optimizer.step()
 
-    return {"img_per_s": _timed(step, steps, bs, sync), "precision": runtime.precision,
+    return step, params, runtime, sync
+
+
+def measure_step(steps: int) -> dict:
+    step, params, runtime, sync = _pipeline_step(steps)
+    return {"img_per_s": _timed(step, steps, params.train.batch_size, sync), "precision": runtime.precision,
             "channels_last": runtime.channels_last, "threads": runtime.threads, "device": runtime.device.type}
+
+
+def profile_step(steps: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    step, _, runtime, sync = _pipeline_step(steps)
+    for _ in range(WARMUP):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runtime.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
 
 
 def measure_floor(steps: int) -> dict:
@@ -172,10 +193,10 @@ PARTS = {"step": measure_step, "floor": measure_floor, "reference": measure_refe
 
 def _run_part(part: str, steps: int, default_allocator: bool) -> dict:
     env = dict(os.environ)
+    env.pop("_CIFAR_RESNET_REEXEC", None)
     if default_allocator:
         env["CIFAR_RESNET_MALLOC"] = "default"
         tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and "mmap_threshold" not in t]
-        env.pop("_CIFAR_RESNET_REEXEC", None)
         if tunables:
             env["GLIBC_TUNABLES"] = ":".join(tunables)
         else:
@@ -191,12 +212,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement (after 3 warm-up)")
     parser.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="print where the step's time goes, by operator")
     args = parser.parse_args()
+    if args.profile:
+        from cifar_resnet.runtime import start_stage_process
+
+        start_stage_process(fast_allocator=True)
+        print(profile_step(args.steps))
+        return
     if args.part:
         if args.part != "reference":
-            from cifar_resnet.runtime import use_fast_allocator
+            from cifar_resnet.runtime import start_stage_process
 
-            use_fast_allocator()
+            start_stage_process(fast_allocator=True)
         print(json.dumps(PARTS[args.part](args.steps)))
         return
 

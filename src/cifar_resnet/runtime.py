@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import platform
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 # glibc hands large freed blocks (the activation buffers, re-allocated every step) back to the kernel and then
 # page-faults them in again: a quarter to a third of a CPU training step. A high mmap threshold keeps them.
@@ -16,20 +18,43 @@ MALLOC_TUNABLE = "glibc.malloc.mmap_threshold=4294967296"
 MALLOC_SWITCH = "CIFAR_RESNET_MALLOC"
 
 
-def use_fast_allocator() -> None:
-    """Re-exec this Python process with MALLOC_TUNABLE set, where the platform has glibc and it is not set yet."""
-    if os.environ.get(MALLOC_SWITCH, "fast") == "default":
+def start_stage_process(fast_allocator: bool = True) -> None:
+    """First lines of every stage, before any third-party import; re-execs this process at most once.
+
+    - The `python` that DVC found on PATH may lack the project's packages (e.g. `.venv/bin/dvc repro` from a shell
+      where .venv is not active): then the .venv of the tree the stage runs in is used, if it has one.
+    - With `fast_allocator`, the glibc tunable above is set where the platform has glibc (CIFAR_RESNET_MALLOC=default
+      turns it off).
+    """
+    python = sys.executable
+    if not all(importlib.util.find_spec(m) for m in ("torch", "yaml")):
+        local = Path.cwd() / ".venv" / "bin" / "python"
+        if not local.exists() or Path(python).absolute() == local.absolute():  # a venv python is a symlink
+            sys.exit(f"error: {python} lacks the project's packages (torch, pyyaml, ...): run `make repro`, "
+                     "or activate the virtual environment made by `make install`")
+        python = str(local)
+    if fast_allocator and _wants_malloc_tunable():
+        tunables = os.environ.get("GLIBC_TUNABLES", "")
+        os.environ["GLIBC_TUNABLES"] = f"{tunables}:{MALLOC_TUNABLE}" if tunables else MALLOC_TUNABLE
+    if python == sys.executable and os.environ.get("GLIBC_TUNABLES", "") == _STARTED_WITH_TUNABLES:
         return
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.mmap_threshold" in tunables or not sys.platform.startswith("linux"):
-        return
-    if platform.libc_ver()[0] != "glibc" or os.environ.get("_CIFAR_RESNET_REEXEC"):
-        return
-    os.environ["GLIBC_TUNABLES"] = f"{tunables}:{MALLOC_TUNABLE}" if tunables else MALLOC_TUNABLE
-    os.environ["_CIFAR_RESNET_REEXEC"] = "1"  # never loop, even if glibc ignores the tunable
+    if os.environ.get("_CIFAR_RESNET_REEXEC"):
+        return  # never loop, even if glibc ignores the tunable
+    os.environ["_CIFAR_RESNET_REEXEC"] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    os.execv(python, [python, *sys.orig_argv[1:]])
+
+
+_STARTED_WITH_TUNABLES = os.environ.get("GLIBC_TUNABLES", "")
+
+
+def _wants_malloc_tunable() -> bool:
+    if os.environ.get(MALLOC_SWITCH, "fast") == "default" or not sys.platform.startswith("linux"):
+        return False
+    if "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    return platform.libc_ver()[0] == "glibc"
 
 
 def derive_seed(*keys) -> int:

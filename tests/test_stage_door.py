@@ -1,0 +1,39 @@
+"""How a stage process starts: the right interpreter and allocator, before any third-party import."""
+
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, stage_env
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory) -> Path:
+    """An interpreter without the project's packages, like a system python that DVC may find on PATH."""
+    root = tmp_path_factory.mktemp("bare")
+    venv.create(root, with_pip=False)
+    return root / "bin" / "python"
+
+
+def _download(python: Path, cwd: Path):
+    (cwd / "params.yaml").write_text("lr_mx: 0.3\n")  # fails fast once the real interpreter reads it
+    return subprocess.run([str(python), str(REPO / "stages" / "download.py")], cwd=cwd, env=stage_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_python_without_the_packages_hands_over_to_the_trees_venv(bare_python, tmp_path):
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix))  # the tree's own .venv (here: the one running the tests)
+    result = _download(bare_python, tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: lr_mx: unknown key (allowed here: augment, data, evaluate, gallery, " \
+                                    "lr_max, lr_min_factor, lr_range_test, model, seed, train)"
+
+
+def test_without_a_venv_it_says_what_to_do(bare_python, tmp_path):
+    result = _download(bare_python, tmp_path)
+    assert result.returncode != 0
+    assert "lacks the project's packages" in result.stderr and "make repro" in result.stderr
+    assert "Traceback" not in result.stderr
