@@ -84,6 +84,17 @@ def workspace(tmp_path):
     return make_workspace(tmp_path / "ws")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest. Restores the count (pick_runtime changes it globally)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def mirror():
     path = os.environ.get("CIFAR10_MIRROR")

@@ -23,13 +23,7 @@ MODES = ["reflect", "replicate", "constant"]
 NORMS = {"raw": (MEAN0, STD1), "cifar": (CIFAR_MEAN, CIFAR_STD)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and leaves the cores to the training run in the background."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def aug_params(**kw) -> AugmentParams:

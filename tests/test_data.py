@@ -112,28 +112,19 @@ def truncate(path: Path) -> None:
 # ------------------------------------------------------------------------------------------- fetch: good sources
 
 
-def test_fetch_from_mirror_folder(small, tmp_path):
+@pytest.mark.parametrize(("mirror", "source"), [("folder_mirror", "folder"), ("folder", "folder"),
+                                                ("archive_mirror", "archive")])
+def test_fetch_from_a_local_mirror(small, tmp_path, mirror, source):
+    """A folder holding cifar-10-batches-py/, that folder itself, or a folder holding only the archive."""
     dest = tmp_path / "data" / FOLDER
-    source = fetch(dest, UNREACHABLE_URL, mirror=str(small.folder_mirror), md5s=small.md5s, progress=False)
-    assert source == str(small.folder)
+    got = fetch(dest, UNREACHABLE_URL, mirror=str(getattr(small, mirror)), md5s=small.md5s, progress=False)
+    assert got == str(getattr(small, source))
     assert_same_files(dest, small.folder)
     assert staging_leftovers(dest) == []
 
 
-def test_fetch_from_mirror_that_is_the_batches_folder_itself(small, tmp_path):
-    dest = tmp_path / "data" / FOLDER
-    source = fetch(dest, UNREACHABLE_URL, mirror=str(small.folder), md5s=small.md5s, progress=False)
-    assert source == str(small.folder)
-    assert_same_files(dest, small.folder)
-
-
-def test_fetch_from_mirror_archive(small, tmp_path):
+def test_archive_mirror_holds_only_the_archive(small):
     assert [p.name for p in small.archive_mirror.iterdir()] == [ARCHIVE]
-    dest = tmp_path / "data" / FOLDER
-    source = fetch(dest, UNREACHABLE_URL, mirror=str(small.archive_mirror), md5s=small.md5s, progress=False)
-    assert source == str(small.archive)
-    assert_same_files(dest, small.folder)
-    assert staging_leftovers(dest) == []
 
 
 def test_fetch_from_url(small, tmp_path):

@@ -15,13 +15,7 @@ N = 100
 LRS = [lr_at(i, 1e-4, 10.0, N) for i in range(N)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and leaves the cores to the training run in the background."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ema(losses, beta=0.98):

@@ -18,13 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NARROW = (16, 32, 64, 128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and leaves the cores to the training run in the background."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_summary(*args: str) -> str:
