@@ -1,15 +1,18 @@
-"""Stage `download`: the official CIFAR-10 files, md5-verified, into data/cifar-10-batches-py ($CIFAR10_MIRROR
-names a local copy to take them from instead of data.url)."""
+"""Stage `download`: the official CIFAR-10 files, md5-verified, into data/cifar-10-batches-py.
 
-from cifar_resnet.runtime import start_stage_process
+$CIFAR10_MIRROR names a local copy (a folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz) to take them
+from instead of data.url. The stage reads only data.url, so a sweep over any other param never downloads again.
+"""
+
+from cifar_resnet.bootstrap import start_stage_process
 
 start_stage_process(fast_allocator=False)  # before any third-party import: see its docstring
 
 import sys  # noqa: E402
 
-from cifar_resnet.cli import log, run_stage  # noqa: E402
 from cifar_resnet.config import load_params  # noqa: E402
 from cifar_resnet.data import fetch, load_cifar10  # noqa: E402
+from cifar_resnet.entry import log, run_stage  # noqa: E402
 from cifar_resnet.paths import DATA_DIR  # noqa: E402
 
 
@@ -21,4 +24,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, __doc__)

@@ -1,21 +1,21 @@
 """Stage `evaluate`: test accuracy, loss and per-class accuracy of the trained model; the confusion matrix;
 the predictions the gallery draws from."""
 
-from cifar_resnet.runtime import start_stage_process
+from cifar_resnet.bootstrap import start_stage_process
 
 start_stage_process(fast_allocator=True)  # before torch is imported: see its docstring
 
 import numpy as np  # noqa: E402
 
-from cifar_resnet.augment import Loader  # noqa: E402
-from cifar_resnet.cli import log, run_stage  # noqa: E402
+from cifar_resnet.atomic import write_json, write_npz, write_text  # noqa: E402
 from cifar_resnet.config import load_params  # noqa: E402
-from cifar_resnet.data import load_cifar10  # noqa: E402
-from cifar_resnet.io import atomic_path, write_json, write_text  # noqa: E402
+from cifar_resnet.data import load_test_split  # noqa: E402
+from cifar_resnet.entry import log, run_stage  # noqa: E402
+from cifar_resnet.evaluate import evaluate  # noqa: E402
+from cifar_resnet.loader import EvalLoader  # noqa: E402
 from cifar_resnet.model import load_trained  # noqa: E402
 from cifar_resnet.paths import CONFUSION_CSV, DATA_DIR, EVALUATE_JSON, MODEL, PREDICTIONS  # noqa: E402
 from cifar_resnet.runtime import pick_runtime  # noqa: E402
-from cifar_resnet.train import evaluate_loader  # noqa: E402
 
 
 def main() -> None:
@@ -23,18 +23,16 @@ def main() -> None:
     runtime = pick_runtime(params.train)
     model, saved = load_trained(MODEL)
     model = model.to(runtime.device, memory_format=runtime.memory_format)
-    data = load_cifar10(DATA_DIR, test_limit=params.data.test_limit)
-    loader = Loader(data.test_images, data.test_labels, params.evaluate.batch_size, saved["mean"], saved["std"],
-                    runtime.device, memory_format=runtime.memory_format)
-    loss, accuracy, probs = evaluate_loader(model, loader, runtime)
+    test = load_test_split(DATA_DIR, params.data.test_limit)
+    loader = EvalLoader(test.images, test.labels, params.evaluate.batch_size, saved["mean"], saved["std"],
+                        runtime.device, memory_format=runtime.memory_format)
+    loss, accuracy, probs = evaluate(model, loader, runtime)
     probs = probs.cpu().numpy()
-    true, pred = data.test_labels.numpy(), probs.argmax(1)
+    true, pred = test.labels.numpy(), probs.argmax(1)
     classes = saved["classes"]
     per_class = {name: round(float((pred[true == k] == k).mean()), 6) if (true == k).any() else None
                  for k, name in enumerate(classes)}
-    with atomic_path(PREDICTIONS) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, probs=probs.astype(np.float32), labels=true, indices=np.arange(len(true)))
+    write_npz(PREDICTIONS, probs=probs.astype(np.float32), labels=true, indices=np.arange(len(true)))
     write_text(CONFUSION_CSV, "actual,predicted\n" + "".join(f"{classes[t]},{classes[p]}\n" for t, p in zip(true, pred)))
     write_json(EVALUATE_JSON, {"accuracy": round(accuracy, 6), "loss": round(loss, 6), "num_images": len(true),
                                "per_class_accuracy": per_class})
@@ -42,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, __doc__)

@@ -1,18 +1,18 @@
 """Stage `lr_range_test`: the LR range test on the training split; writes the LRMAX pick for the train stage."""
 
-from cifar_resnet.runtime import start_stage_process
+from cifar_resnet.bootstrap import start_stage_process
 
 start_stage_process(fast_allocator=True)  # before torch is imported: see its docstring
 
 import sys  # noqa: E402
 
-from cifar_resnet.cli import log, run_stage  # noqa: E402
+from cifar_resnet.atomic import write_json, write_tsv  # noqa: E402
 from cifar_resnet.config import load_params  # noqa: E402
 from cifar_resnet.data import load_cifar10  # noqa: E402
-from cifar_resnet.io import write_json, write_tsv  # noqa: E402
-from cifar_resnet.lr_range import run_range_test  # noqa: E402
+from cifar_resnet.entry import log, run_stage  # noqa: E402
+from cifar_resnet.figures import lr_range_figure  # noqa: E402
+from cifar_resnet.lr_range_test import run_range_test  # noqa: E402
 from cifar_resnet.paths import DATA_DIR, LR_RANGE_JSON, LR_RANGE_PNG, LR_RANGE_TSV  # noqa: E402
-from cifar_resnet.report import lr_range_figure  # noqa: E402
 from cifar_resnet.runtime import pick_runtime  # noqa: E402
 
 
@@ -31,4 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, __doc__)

@@ -1,86 +1,77 @@
-"""Stage `train`: 24 epochs of One Cycle SGD; per-epoch history, final metrics and the weights.
+"""Stage `train`: One Cycle SGD for train.epochs epochs; per-epoch history, final metrics and the weights.
 
 LRMAX is `lr_max` from params.yaml when it is a number, else the lr_range_test stage's pick. With train.nproc > 1
-the stage relaunches itself under torchrun (DistributedDataParallel; rank 0 writes every file).
+the stage relaunches itself under torchrun (DistributedDataParallel; rank 0 writes every file). A killed run
+resumes from its last finished epoch when the stage runs again with the same params and code.
 """
 
-from cifar_resnet.runtime import start_stage_process
+from cifar_resnet.bootstrap import start_stage_process
 
 start_stage_process(fast_allocator=True)  # before torch is imported: see its docstring
 
 import json  # noqa: E402
 import os  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
-import torch  # noqa: E402
-
 from cifar_resnet import checkpoint  # noqa: E402
-from cifar_resnet.cli import log, run_stage  # noqa: E402
+from cifar_resnet.atomic import write_json, write_text, write_tsv  # noqa: E402
 from cifar_resnet.config import load_params, resolve_lr_max  # noqa: E402
-from cifar_resnet.data import load_cifar10, md5_of  # noqa: E402
+from cifar_resnet.data import expected_md5s, load_cifar10  # noqa: E402
+from cifar_resnet.distributed import Dist, process_group, relaunch_under_torchrun, under_torchrun  # noqa: E402
+from cifar_resnet.entry import log, quiet, run_stage  # noqa: E402
 from cifar_resnet.errors import CifarResnetError, DivergedError  # noqa: E402
-from cifar_resnet.io import write_json, write_text, write_tsv  # noqa: E402
-from cifar_resnet.launch import die_with_parent, relaunch_under_torchrun, under_torchrun  # noqa: E402
 from cifar_resnet.model import save_trained, summary  # noqa: E402
 from cifar_resnet.paths import (DATA_DIR, LR_RANGE_JSON, MODEL, MODEL_SUMMARY, TRAIN_HISTORY,  # noqa: E402
                                 TRAIN_JSON, TRAIN_TIMING)
 from cifar_resnet.runtime import cpu_model, pick_runtime  # noqa: E402
-from cifar_resnet.train import Dist, checkpoint_config, train  # noqa: E402
+from cifar_resnet.train import train  # noqa: E402
 
 
 def main() -> None:
     params = load_params()
     if params.train.nproc > 1 and not under_torchrun():
-        rc = relaunch_under_torchrun(params.train.nproc, __file__)
+        rc = relaunch_under_torchrun(params.train.nproc, sys.argv)
         if rc:
             raise CifarResnetError(f"training with {params.train.nproc} processes failed (exit code {rc}); "
                                    "the worker's message is above")
         return
     dist = Dist.from_env()
-    if dist.world_size > 1:
-        die_with_parent()
-        backend = "nccl" if torch.cuda.is_available() and params.train.device in ("auto", "cuda") else "gloo"
-        torch.distributed.init_process_group(backend)
-    try:
+    with process_group(dist, params.train.device):
         run(params, dist)
-    finally:
-        if dist.world_size > 1:
-            torch.distributed.destroy_process_group()
 
 
 def run(params, dist: Dist) -> None:
     started = time.perf_counter()
+    say = log if dist.is_main else quiet
     runtime = pick_runtime(params.train, dist.local_rank, dist.world_size)
     range_test = json.loads(LR_RANGE_JSON.read_text()) if LR_RANGE_JSON.is_file() else None
     lr_max, lr_min, source = resolve_lr_max(params, range_test)
     d = params.data
     data = load_cifar10(DATA_DIR, d.train_limit, d.test_limit, d.val_size)
     mean, std = data.mean_std()
-    data_md5 = {p.name: md5_of(p) for p in sorted(DATA_DIR.iterdir())}
-    key, identity = checkpoint.run_key(checkpoint_config(params, lr_max, lr_min, dist.world_size),
-                                       checkpoint.code_fingerprint(), data_md5)
-    say = log if dist.is_main else (lambda *_: None)
+    key, identity = checkpoint.run_identity(params, lr_max, lr_min, dist.world_size, expected_md5s())
     if dist.is_main:
-        if not (checkpoint.cache_root() / "checkpoints" / key / checkpoint.FILE).is_file():
-            why = checkpoint.explain_fresh_start(key, identity)
-            if why:
-                say(why)
-        checkpoint.write_identity(key, identity)
+        checkpoint.claim(key, identity, log=say)
     say(f"train: {len(data.train_images)} images ({len(data.val_images)} held out for validation), "
         f"LRMAX {lr_max:.4g} from {source}, LRMIN {lr_min:.4g}, {runtime.describe()}, {dist.world_size} process(es)")
-
     try:
         result = train(params, data, mean, std, lr_max, lr_min, runtime, dist, run_key=key, log=say)
     except DivergedError:
         if dist.is_main:
             checkpoint.remove(key)  # resuming would only diverge again
         raise
-    if not dist.is_main:
-        return
-    steps = len(data.train_images) // params.train.batch_size
+    if dist.is_main:
+        write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min, source, started)
+        checkpoint.remove(key)
+
+
+def write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min, source, started) -> None:
+    """The weights and their summary, the history, the timing, and last the metrics (each file atomic)."""
     last = result.history[-1]
     metrics = {"lr_max": lr_max, "lr_min": lr_min, "lr_source": source, "epochs": params.train.epochs,
-               "steps_per_epoch": steps, **{k: v for k, v in last.items() if k not in ("epoch", "lr")}}
+               "steps_per_epoch": len(data.train_images) // params.train.batch_size,
+               **{k: v for k, v in last.items() if k not in ("epoch", "lr")}}
     timing = {"seconds_total": round(time.perf_counter() - started, 1),
               "seconds_training": round(sum(result.epoch_seconds), 1), "seconds_per_epoch": result.epoch_seconds,
               "images_per_second": result.images_per_second, "device": runtime.device.type,
@@ -93,10 +84,9 @@ def run(params, dist: Dist) -> None:
     write_tsv(TRAIN_HISTORY, result.history)
     write_json(TRAIN_TIMING, timing)
     write_json(TRAIN_JSON, metrics)
-    checkpoint.remove(key)
     log(f"done: test accuracy {last.get('test_acc', float('nan')):.4f} after {params.train.epochs} epochs "
         f"({timing['seconds_total']:.0f} s, {result.images_per_second:.0f} img/s)")
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, __doc__)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +20,10 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 
 def write_cifar_folder(folder: Path, per_batch: int = 64, seed: int = 0) -> Path:
-    """A learnable CIFAR-10 look-alike in the official python format: each class has its own colour and stripe."""
+    """A learnable CIFAR-10 look-alike in the official python format: each class has its own colour and stripe.
+
+    Its md5s are not the official ones: they go to `md5sums_path(folder)`, in md5sum format, for $CIFAR10_MD5SUMS.
+    """
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
@@ -28,12 +34,28 @@ def write_cifar_folder(folder: Path, per_batch: int = 64, seed: int = 0) -> Path
             images[i, label % 3] += 120
             images[i, :, :, (label * 3) % 32] += 70
         data = np.clip(images, 0, 255).astype(np.uint8).reshape(per_batch, 3072)
+        # str keys: the official (Python 2) pickles load with str keys under torchvision's latin1 decoding.
         with open(folder / name, "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels.tolist(), b"data": data,
-                         b"filenames": [f"{i}.png".encode() for i in range(per_batch)]}, f)
+            pickle.dump({"batch_label": name, "labels": labels.tolist(), "data": data,
+                         "filenames": [f"{i}.png" for i in range(per_batch)]}, f)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": per_batch}, f)
+        pickle.dump({"label_names": CLASSES, "num_cases_per_batch": per_batch}, f)
+    write_md5sums(folder)
     return folder
+
+
+def md5sums_path(folder: Path) -> Path:
+    """Where write_cifar_folder puts the md5s of `folder`: beside it, as ../shared/cifar10/MD5SUMS sits."""
+    return folder.parent / "MD5SUMS"
+
+
+def write_md5sums(folder: Path) -> Path:
+    """`md5sum`'s output for every file of `folder`, paths relative to its parent."""
+    lines = [f"{hashlib.md5(p.read_bytes()).hexdigest()}  {folder.name}/{p.name}\n"
+             for p in sorted(folder.iterdir()) if p.is_file()]
+    path = md5sums_path(folder)
+    path.write_text("".join(lines))
+    return path
 
 
 TINY = {
@@ -41,7 +63,7 @@ TINY = {
     "data": {"train_limit": None, "test_limit": None},
     "model": {"channels": [8, 16, 32, 64]},
     "lr_range_test": {"num_iter": 20},
-    "train": {"epochs": 3, "peak_epoch": 1, "batch_size": 64, "device": "cpu"},
+    "train": {"epochs": 3, "peak_epoch": 1, "batch_size": 64, "device": "cpu", "threads": 1},
     "evaluate": {"batch_size": 128},
 }
 
@@ -66,9 +88,22 @@ def make_workspace(root: Path, per_batch: int = 64, **overrides) -> Path:
     return root
 
 
+# Relative to the stage's working directory, a make_workspace folder: the md5s of its synthetic data.
+WORKSPACE_MD5SUMS = md5sums_path(Path("data") / "cifar-10-batches-py").as_posix()
+
+
 def stage_env(cache: Path | None = None, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PYTHONPATH=str(REPO / "src"), NO_ALBUMENTATIONS_UPDATE="1", DVC_NO_ANALYTICS="1", **extra)
+    """The environment of a stage subprocess that runs in a make_workspace folder.
+
+    Its data is synthetic, so $CIFAR10_MD5SUMS points at the workspace's own md5s. A caller that names a
+    CIFAR10_MIRROR runs on the real files instead: those are verified against the official table.
+    """
+    dropped = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CIFAR10_MD5SUMS")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    env.update(PYTHONPATH=str(REPO / "src"), NO_ALBUMENTATIONS_UPDATE="1", DVC_NO_ANALYTICS="1")
+    if "CIFAR10_MIRROR" not in extra:
+        env["CIFAR10_MD5SUMS"] = WORKSPACE_MD5SUMS
+    env.update(extra)
     if cache is not None:
         env["CIFAR_RESNET_CACHE"] = str(cache)
     return env
@@ -101,3 +136,41 @@ def mirror():
     if not path or not (Path(path) / "cifar-10-batches-py").is_dir():
         pytest.skip("CIFAR10_MIRROR is not set to a folder holding cifar-10-batches-py")
     return Path(path)
+
+
+class Repo:
+    """A git copy of this repo in a temporary folder; commands run there as a user would run them."""
+
+    def __init__(self, path: Path, env: dict):
+        self.path, self.env = path, env
+
+    def run(self, *args, check=True, timeout=900) -> subprocess.CompletedProcess:
+        result = subprocess.run(list(args), cwd=self.path, env=self.env, capture_output=True, text=True,
+                                timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def dvc(self, *args, **kw) -> subprocess.CompletedProcess:
+        return self.run("dvc", *args, **kw)
+
+    def json(self, rel: str) -> dict:
+        return json.loads((self.path / rel).read_text())
+
+
+def copy_repo(path: Path, env: dict, cls=Repo) -> Repo:
+    """The repo's files (not .venv, data, the committed record or studies) committed in a new git repository."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if rel == "dvc.lock" or rel.startswith(("metrics/", "plots/", "timing/", "studies/")) \
+                or not (REPO / rel).is_file():
+            continue
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, path / rel)
+    env = dict(env, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    repo = cls(path, env)
+    repo.run("git", "init", "-q")
+    repo.run("git", "add", "-A")
+    repo.run("git", "commit", "-qm", "copy")
+    return repo

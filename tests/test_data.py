@@ -1,29 +1,36 @@
-"""CIFAR-10 files: fetch (mirror folder, mirror archive, URL) with md5 verification, read_batch's checks, and
-load_cifar10's splits. Small archives in the official format are built here; the real files are used only when
-$CIFAR10_MIRROR names a copy (as in CI)."""
+"""CIFAR-10 files: fetch (mirror folder, mirror archive, URL) with md5 verification, the md5 table and its
+$CIFAR10_MD5SUMS override, the checks on reading, and load_cifar10's and load_test_split's splits. Small sets in
+the official format are built here; the real files are used only when $CIFAR10_MIRROR names a copy (as in CI)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import os
 import pickle
 import shutil
 import tarfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import calculate_md5
 
-from cifar_resnet.data import (ARCHIVE, FOLDER, MIRROR_ENV, OFFICIAL_MD5, TEST_FILES, TRAIN_FILES, fetch,
-                               load_cifar10, md5_of, read_batch, read_class_names)
+from cifar_resnet.data import (ARCHIVE, FOLDER, MD5SUMS_ENV, MIRROR_ENV, OFFICIAL_MD5, SPLIT_SEED, TEST_FILES,
+                               TRAIN_FILES, Cifar10Test, expected_md5s, fetch, load_cifar10, load_test_split,
+                               read_md5sums)
 from cifar_resnet.errors import DataError
+from conftest import write_md5sums
 
 NAMES = ("batches.meta",) + TRAIN_FILES + TEST_FILES
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 PER_BATCH = 20
-UNREACHABLE_URL = "http://cifar.invalid/cifar-10-python.tar.gz"  # never contacted when a mirror is given
+UNREACHABLE_URL = "http://127.0.0.1:1/cifar-10-python.tar.gz"  # never contacted when a mirror is given
 
 
 # ------------------------------------------------------------------------------------------- a small CIFAR-10
@@ -40,14 +47,15 @@ def make_batch(first_index: int, n: int, seed: int) -> dict:
     index = np.arange(first_index, first_index + n)
     data[:, 0], data[:, 1] = index // 256, index % 256  # every image in the set is distinct
     labels = [int(v) for v in rng.integers(0, 10, size=n)]
-    return {b"batch_label": b"small batch", b"labels": labels, b"data": data,
-            b"filenames": [f"img_{i}.png".encode() for i in index]}
+    # str keys: what the official (Python 2) pickles hold once torchvision decodes them as latin1.
+    return {"batch_label": "small batch", "labels": labels, "data": data,
+            "filenames": [f"img_{i}.png" for i in index]}
 
 
 def write_small_folder(folder: Path) -> None:
     folder.mkdir(parents=True)
-    write_pickle(folder / "batches.meta", {b"num_cases_per_batch": PER_BATCH,
-                                           b"label_names": [c.encode() for c in CLASSES], b"num_vis": 3072})
+    write_pickle(folder / "batches.meta", {"num_cases_per_batch": PER_BATCH, "label_names": list(CLASSES),
+                                           "num_vis": 3072})
     for i, name in enumerate(TRAIN_FILES + TEST_FILES):
         write_pickle(folder / name, make_batch(i * PER_BATCH, PER_BATCH, seed=i))
     (folder / "readme.html").write_text("<p>not a batch</p>")  # the official archive has one too
@@ -70,6 +78,7 @@ class SmallSet:
     archive_mirror: Path  # holds only cifar-10-python.tar.gz
     archive: Path
     md5s: dict
+    md5sums: Path  # the md5s in md5sum format, beside the folder (as in ../shared/cifar10)
 
 
 @pytest.fixture(scope="session")
@@ -78,9 +87,31 @@ def small(tmp_path_factory) -> SmallSet:
     folder = root / "folder_mirror" / FOLDER
     write_small_folder(folder)
     archive = make_archive(folder, root / "archive_mirror" / ARCHIVE)
-    md5s = {name: md5_of(folder / name) for name in NAMES}
+    md5s = {name: calculate_md5(folder / name) for name in NAMES}
     assert len(set(md5s.values())) == len(NAMES)
-    return SmallSet(folder, folder.parent, archive.parent, archive, md5s)
+    return SmallSet(folder, folder.parent, archive.parent, archive, md5s, write_md5sums(folder))
+
+
+@pytest.fixture(autouse=True)
+def no_injected_md5s(monkeypatch):
+    """md5s=None means the official table here, whatever the calling shell exports."""
+    monkeypatch.delenv(MD5SUMS_ENV, raising=False)
+
+
+@pytest.fixture(scope="session")
+def serve(tmp_path_factory):
+    """An HTTP server for everything under pytest's temporary folders: path -> its URL."""
+    root = tmp_path_factory.getbasetemp()
+    handler = functools.partial(QuietHandler, directory=str(root))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        yield lambda path: f"http://127.0.0.1:{server.server_port}/{Path(path).relative_to(root).as_posix()}"
+        server.shutdown()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
 
 
 def assert_same_files(dest: Path, folder: Path) -> None:
@@ -127,14 +158,20 @@ def test_archive_mirror_holds_only_the_archive(small):
     assert [p.name for p in small.archive_mirror.iterdir()] == [ARCHIVE]
 
 
-def test_fetch_from_url(small, tmp_path):
-    url = small.archive.as_uri()
-    assert url.startswith("file://")
+def test_fetch_from_url(small, tmp_path, serve):
+    url = serve(small.archive)
     dest = tmp_path / "data" / FOLDER
     source = fetch(dest, url, mirror="", md5s=small.md5s, progress=False)
     assert source == url
     assert_same_files(dest, small.folder)  # the downloaded archive itself is not left in dest
-    assert staging_leftovers(dest) == []
+    assert list(dest.parent.iterdir()) == [dest]  # nor beside it, nor a staging folder
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_fetch_progress_bar_only_when_asked(small, tmp_path, serve, capfd, progress):
+    fetch(tmp_path / FOLDER, serve(small.archive), mirror="", md5s=small.md5s, progress=progress)
+    err = capfd.readouterr().err
+    assert ("100%" in err) == progress, err
 
 
 def test_fetch_takes_the_mirror_from_the_environment(small, tmp_path, monkeypatch):
@@ -144,11 +181,19 @@ def test_fetch_takes_the_mirror_from_the_environment(small, tmp_path, monkeypatc
     assert_same_files(dest, small.folder)
 
 
-def test_fetch_with_empty_mirror_env_downloads(small, tmp_path, monkeypatch):
+def test_fetch_with_empty_mirror_env_downloads(small, tmp_path, serve, monkeypatch):
     monkeypatch.setenv(MIRROR_ENV, "")
     dest = tmp_path / "data" / FOLDER
-    url = small.archive.as_uri()
+    url = serve(small.archive)
     assert fetch(dest, url, md5s=small.md5s, progress=False) == url
+    assert_same_files(dest, small.folder)
+
+
+@pytest.mark.parametrize("mirror", ["folder_mirror", "archive_mirror"])
+def test_fetch_takes_the_md5s_from_the_environment(small, tmp_path, monkeypatch, mirror):
+    monkeypatch.setenv(MD5SUMS_ENV, str(small.md5sums))
+    dest = tmp_path / "data" / FOLDER
+    fetch(dest, UNREACHABLE_URL, mirror=str(getattr(small, mirror)), progress=False)
     assert_same_files(dest, small.folder)
 
 
@@ -165,7 +210,7 @@ def test_fetch_replaces_an_existing_folder(small, tmp_path):
 # ------------------------------------------------------------------------------------------- fetch: bad sources
 
 
-def corrupt_source(small: SmallSet, tmp_path: Path, kind: str, fault: str) -> dict:
+def corrupt_source(small: SmallSet, tmp_path: Path, serve, kind: str, fault: str) -> dict:
     """A copy of the small set with data_batch_3 damaged, served as `kind`; returns fetch's url/mirror kwargs."""
     folder = tmp_path / "src" / "mirror" / FOLDER
     shutil.copytree(small.folder, folder)
@@ -176,7 +221,7 @@ def corrupt_source(small: SmallSet, tmp_path: Path, kind: str, fault: str) -> di
     archive = make_archive(folder, tmp_path / "src" / "archive_mirror" / ARCHIVE)
     if kind == "archive":
         return {"url": UNREACHABLE_URL, "mirror": str(archive.parent)}
-    return {"url": archive.as_uri(), "mirror": ""}
+    return {"url": serve(archive), "mirror": ""}
 
 
 SOURCES = ["folder", "archive", "url"]
@@ -184,10 +229,10 @@ SOURCES = ["folder", "archive", "url"]
 
 @pytest.mark.parametrize("kind", SOURCES)
 @pytest.mark.parametrize("fault", ["flip", "truncate"])
-def test_fetch_rejects_a_damaged_file(small, tmp_path, kind, fault):
-    source = corrupt_source(small, tmp_path, kind, fault)
+def test_fetch_rejects_a_damaged_file(small, tmp_path, serve, kind, fault):
+    source = corrupt_source(small, tmp_path, serve, kind, fault)
     damaged = tmp_path / "src" / "mirror" / FOLDER / "data_batch_3"
-    actual = md5_of(damaged)
+    actual = calculate_md5(damaged)
     assert actual != small.md5s["data_batch_3"]
     dest = tmp_path / "out" / "data" / FOLDER
     with pytest.raises(DataError) as info:
@@ -200,8 +245,8 @@ def test_fetch_rejects_a_damaged_file(small, tmp_path, kind, fault):
 
 
 @pytest.mark.parametrize("kind", SOURCES)
-def test_fetch_rejects_a_missing_file(small, tmp_path, kind):
-    source = corrupt_source(small, tmp_path, kind, "missing")
+def test_fetch_rejects_a_missing_file(small, tmp_path, serve, kind):
+    source = corrupt_source(small, tmp_path, serve, kind, "missing")
     dest = tmp_path / "out" / "data" / FOLDER
     with pytest.raises(DataError) as info:
         fetch(dest, progress=False, md5s=small.md5s, **source)
@@ -242,8 +287,10 @@ def test_fetch_unreadable_archive(small, tmp_path, damage):
     assert_nothing_left(dest)
 
 
-def test_fetch_download_failure(small, tmp_path):
-    url = (tmp_path / "no_such.tar.gz").as_uri()
+@pytest.mark.parametrize("where", ["not_found", "refused", "file_url"])
+def test_fetch_download_failure(small, tmp_path, serve, where):
+    url = {"not_found": serve(tmp_path / "no_such.tar.gz"), "refused": "http://127.0.0.1:1/cifar-10-python.tar.gz",
+           "file_url": small.archive.as_uri()}[where]  # torchvision downloads over http(s) only
     dest = tmp_path / "out" / FOLDER
     with pytest.raises(DataError) as info:
         fetch(dest, url, mirror="", md5s=small.md5s, progress=False)
@@ -263,13 +310,13 @@ def test_fetch_verifies_against_the_official_table_by_default(small, tmp_path):
 
 
 @pytest.mark.parametrize("kind", SOURCES)
-def test_failed_fetch_keeps_a_previous_good_folder(small, tmp_path, kind):
+def test_failed_fetch_keeps_a_previous_good_folder(small, tmp_path, serve, kind):
     # Verification happens in a staging folder before dest is touched, so a failing fetch leaves the folder of an
     # earlier good run exactly as it was (DVC removes the stage's out before it reruns anyway).
     dest = tmp_path / "out" / "data" / FOLDER
     fetch(dest, UNREACHABLE_URL, mirror=str(small.folder_mirror), md5s=small.md5s, progress=False)
     before = {p.name: p.read_bytes() for p in dest.iterdir()}
-    source = corrupt_source(small, tmp_path, kind, "flip")
+    source = corrupt_source(small, tmp_path, serve, kind, "flip")
     with pytest.raises(DataError, match="^data_batch_3: md5 mismatch"):
         fetch(dest, progress=False, md5s=small.md5s, **source)
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
@@ -277,49 +324,124 @@ def test_failed_fetch_keeps_a_previous_good_folder(small, tmp_path, kind):
     assert [p.name for p in dest.parent.iterdir()] == [FOLDER]
 
 
-# ------------------------------------------------------------------------------------------- read_batch
+# ------------------------------------------------------------------------------------------- the md5 table
 
 
-def test_read_batch_good(small):
-    images, labels = read_batch(small.folder / "data_batch_2")
-    with open(small.folder / "data_batch_2", "rb") as f:
-        raw = pickle.load(f, encoding="bytes")
-    assert images.shape == (PER_BATCH, 3, 32, 32) and images.dtype == np.uint8
-    assert labels.shape == (PER_BATCH,) and labels.dtype == np.int64
-    assert labels.tolist() == raw[b"labels"]
+def test_official_table_is_torchvisions():
+    theirs = {CIFAR10.meta["filename"]: CIFAR10.meta["md5"], **dict(CIFAR10.train_list + CIFAR10.test_list)}
+    assert OFFICIAL_MD5 == theirs
+
+
+def test_expected_md5s_is_the_official_table_by_default():
+    assert expected_md5s() == OFFICIAL_MD5
+    assert list(expected_md5s()) == list(NAMES)
+
+
+def test_expected_md5s_from_the_environment(small, monkeypatch):
+    monkeypatch.setenv(MD5SUMS_ENV, str(small.md5sums))
+    assert expected_md5s() == small.md5s  # the file also lists readme.html: names outside CIFAR-10 are left out
+    assert expected_md5s(OFFICIAL_MD5) == OFFICIAL_MD5  # an explicit table wins over the environment
+    monkeypatch.setenv(MD5SUMS_ENV, "")
+    assert expected_md5s() == OFFICIAL_MD5
+
+
+def test_md5sums_format(tmp_path):
+    # md5sum writes "<md5>  <path>", or "<md5> *<path>" for files read in binary mode; the path's folders do not count.
+    lines = [f"{OFFICIAL_MD5[name].upper()} *{name}" if i % 2 else f"{OFFICIAL_MD5[name]}  some/dir/{name}"
+             for i, name in enumerate(NAMES)]
+    path = tmp_path / "sums"
+    path.write_text("\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n")
+    assert read_md5sums(path) == OFFICIAL_MD5
+
+
+@pytest.mark.parametrize(("content", "fragment"), [
+    (None, "unreadable"),
+    ("not an md5 line\n", "line 1 is not '<md5>  <file>'"),
+    (f"{'0' * 31}  batches.meta\n", "line 1 is not"),
+    (f"{'0' * 32}\n", "line 1 is not"),
+    (f"{'0' * 32}  cifar-10-batches-py/batches.meta\n", "no md5 for data_batch_1, data_batch_2"),
+])
+def test_bad_md5sums_file(tmp_path, monkeypatch, content, fragment):
+    path = tmp_path / "MD5SUMS"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv(MD5SUMS_ENV, str(path))
+    for call in (expected_md5s, lambda: fetch(tmp_path / "out" / FOLDER, UNREACHABLE_URL, progress=False)):
+        with pytest.raises(DataError) as info:
+            call()
+        assert str(info.value).startswith(f"{MD5SUMS_ENV}={path}: "), str(info.value)
+        assert fragment in str(info.value)
+    assert not (tmp_path / "out" / FOLDER).exists()
+
+
+# ------------------------------------------------------------------------------------------- reading: checks
+
+
+def file_order(folder: Path, files) -> tuple[np.ndarray, np.ndarray]:
+    """The batches read with plain pickle, as the format describes them: the reference for the loaders."""
+    images, labels = [], []
+    for name in files:
+        with open(folder / name, "rb") as f:
+            raw = pickle.load(f, encoding="latin1")
+        images.append(raw["data"].reshape(-1, 3, 32, 32))
+        labels += raw["labels"]
+    return np.concatenate(images), np.array(labels, dtype=np.int64)
+
+
+def replaced_copy(small: SmallSet, tmp_path: Path, name: str, content: bytes | None) -> tuple[Path, dict]:
+    """A copy of the small folder with `name` replaced by `content` (None: removed), and md5s that match it."""
+    folder = tmp_path / "copy" / FOLDER
+    shutil.copytree(small.folder, folder)
+    if content is None:
+        (folder / name).unlink()
+        return folder, small.md5s
+    (folder / name).write_bytes(content)
+    return folder, {**small.md5s, name: calculate_md5(folder / name)}
+
+
+def test_test_batch_layout(small):
+    test = load_test_split(small.folder, md5s=small.md5s)
+    with open(small.folder / "test_batch", "rb") as f:
+        raw = pickle.load(f)
+    assert test.images.shape == (PER_BATCH, 3, 32, 32) and test.images.dtype == torch.uint8
+    assert test.labels.shape == (PER_BATCH,) and test.labels.dtype == torch.int64
+    assert test.images.is_contiguous()
+    assert test.labels.tolist() == raw["labels"]
     # Row layout of the official files: 1024 red, then 1024 green, then 1024 blue values, each row-major.
-    assert np.array_equal(images[3, 0].ravel(), raw[b"data"][3, :1024])
-    assert np.array_equal(images[3, 2, 31], raw[b"data"][3, 3072 - 32:])
+    assert np.array_equal(test.images[3, 0].numpy().ravel(), raw["data"][3, :1024])
+    assert np.array_equal(test.images[3, 2, 31].numpy(), raw["data"][3, 3072 - 32:])
+    assert test.classes == CLASSES
 
 
 def good_dict(n: int = 4) -> dict:
-    return {b"data": np.zeros((n, 3072), np.uint8), b"labels": list(range(n))}
+    return {"data": np.zeros((n, 3072), np.uint8), "labels": list(range(n))}
 
 
+# Right md5 (injected), wrong content: each must be refused with the file's path and the cause.
 BAD_BATCHES = {
-    "shape_n_100": ({b"data": np.zeros((4, 100), np.uint8), b"labels": [0, 1, 2, 3]}, "shape (4, 100)"),
-    "shape_1d": ({b"data": np.zeros(3072, np.uint8), b"labels": [0]}, "shape (3072,)"),
-    "dtype_float32": ({b"data": np.zeros((4, 3072), np.float32), b"labels": [0, 1, 2, 3]}, "float32"),
-    "dtype_int64": ({b"data": np.zeros((4, 3072), np.int64), b"labels": [0, 1, 2, 3]}, "int64"),
-    "data_list": ({b"data": [[0] * 3072] * 4, b"labels": [0, 1, 2, 3]}, "got list"),
-    "label_10": ({**good_dict(), b"labels": [0, 1, 2, 10]}, "labels must lie in 0-9, found 0..10"),
-    "label_negative": ({**good_dict(), b"labels": [-1, 1, 2, 3]}, "labels must lie in 0-9, found -1..3"),
-    "label_count": ({**good_dict(), b"labels": [0, 1, 2]}, "'labels' must be 4 integers"),
-    "label_floats": ({**good_dict(), b"labels": [0.0, 1.0, 2.0, 3.0]}, "'labels' must be 4 integers"),
-    "no_labels": ({b"data": np.zeros((4, 3072), np.uint8)}, "expected a dict with 'data' and 'labels'"),
-    "str_keys": ({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 3]}, "expected a dict"),
-    "a_list": ([np.zeros((4, 3072), np.uint8), [0, 1, 2, 3]], "not a CIFAR-10 batch (expected a dict"),
+    "shape_n_100": ({"data": np.zeros((4, 100), np.uint8), "labels": [0, 1, 2, 3]}, "cannot reshape"),
+    "dtype_float32": ({"data": np.zeros((4, 3072), np.float32), "labels": [0, 1, 2, 3]},
+                      "'data' must be uint8, got float32"),
+    "dtype_int64": ({"data": np.zeros((4, 3072), np.int64), "labels": [0, 1, 2, 3]}, "got int64"),
+    "data_list": ({"data": [[0] * 3072] * 4, "labels": [0, 1, 2, 3]}, "'data' must be uint8"),
+    "label_10": ({**good_dict(), "labels": [0, 1, 2, 10]}, "labels must lie in 0-9, found 0..10"),
+    "label_negative": ({**good_dict(), "labels": [-1, 1, 2, 3]}, "labels must lie in 0-9, found -1..3"),
+    "label_count": ({**good_dict(), "labels": [0, 1, 2]}, "'labels' must be 4 integers"),
+    "label_floats": ({**good_dict(), "labels": [0.0, 1.0, 2.0, 3.0]}, "'labels' must be 4 integers"),
+    "no_labels": ({"data": np.zeros((4, 3072), np.uint8)}, "not a CIFAR-10 batch pickle (KeyError"),
+    "bytes_keys": ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 3]},
+                   "not a CIFAR-10 batch pickle (KeyError"),
+    "a_list": ([np.zeros((4, 3072), np.uint8), [0, 1, 2, 3]], "not a CIFAR-10 batch pickle (TypeError"),
 }
 
 
 @pytest.mark.parametrize("case", BAD_BATCHES)
-def test_read_batch_rejects_a_bad_pickle(tmp_path, case):
+def test_a_bad_batch_with_an_injected_md5_is_refused(small, tmp_path, case):
     obj, fragment = BAD_BATCHES[case]
-    path = tmp_path / "data_batch_1"
-    write_pickle(path, obj)
+    folder, md5s = replaced_copy(small, tmp_path, "test_batch", pickle.dumps(obj, protocol=2))
     with pytest.raises(DataError) as info:
-        read_batch(path)
-    assert str(info.value).startswith(f"{path}: "), str(info.value)
+        load_test_split(folder, md5s=md5s)
+    assert str(info.value).startswith(f"{folder / 'test_batch'}: "), str(info.value)
     assert fragment in str(info.value)
 
 
@@ -329,31 +451,74 @@ def test_read_batch_rejects_a_bad_pickle(tmp_path, case):
     pytest.param(pickle.dumps(good_dict())[:50], id="truncated_pickle"),
     pytest.param(b"<html>404 Not Found</html>", id="html"),
 ])
-def test_read_batch_rejects_a_file_that_is_not_a_pickle(tmp_path, content):
-    path = tmp_path / "test_batch"
-    path.write_bytes(content)
+def test_a_file_that_is_not_a_pickle_is_refused(small, tmp_path, content):
+    folder, md5s = replaced_copy(small, tmp_path, "test_batch", content)
     with pytest.raises(DataError) as info:
-        read_batch(path)
-    assert str(info.value).startswith(f"{path}: not a CIFAR-10 batch pickle")
+        load_test_split(folder, md5s=md5s)
+    assert str(info.value).startswith(f"{folder / 'test_batch'}: not a CIFAR-10 batch pickle")
 
 
-def test_read_batch_missing_file(tmp_path):
-    path = tmp_path / "data_batch_9"
-    with pytest.raises(DataError, match="missing") as info:
-        read_batch(path)
-    assert str(info.value).startswith(str(path))
+def test_load_cifar10_names_a_bad_training_batch(small, tmp_path):
+    bad = pickle.dumps({"data": np.zeros((4, 100), np.uint8), "labels": [0, 1, 2, 3]})
+    folder, md5s = replaced_copy(small, tmp_path, "data_batch_4", bad)
+    with pytest.raises(DataError) as info:
+        load_cifar10(folder, md5s=md5s)
+    assert str(info.value).startswith(f"{folder / 'data_batch_4'}: not a CIFAR-10 batch pickle")
 
 
-def test_read_class_names(small, tmp_path):
-    assert read_class_names(small.folder) == CLASSES
-    with pytest.raises(DataError, match="batches.meta: missing"):
-        read_class_names(tmp_path)
-    write_pickle(tmp_path / "batches.meta", {b"label_names": [c.encode() for c in CLASSES[:9]]})
-    with pytest.raises(DataError, match="expected 10 class names, got 9"):
-        read_class_names(tmp_path)
-    (tmp_path / "batches.meta").write_bytes(b"junk")
-    with pytest.raises(DataError, match="batches.meta: not a CIFAR-10 meta pickle"):
-        read_class_names(tmp_path)
+@pytest.mark.parametrize("name", NAMES)
+def test_a_missing_file_is_named(small, tmp_path, name):
+    folder, md5s = replaced_copy(small, tmp_path, name, None)
+    loaders = [load_cifar10] + ([load_test_split] if name in ("batches.meta",) + TEST_FILES else [])
+    for load in loaders:
+        with pytest.raises(DataError) as info:
+            load(folder, md5s=md5s)
+        assert str(info.value) == f"{name}: missing from {folder} (run the download stage)"
+
+
+@pytest.mark.parametrize("name", ["batches.meta", "data_batch_2", "test_batch"])
+def test_a_file_with_the_wrong_md5_is_named(small, tmp_path, name):
+    folder, _ = replaced_copy(small, tmp_path, name, (small.folder / name).read_bytes())
+    flip_byte(folder / name)
+    actual = calculate_md5(folder / name)
+    with pytest.raises(DataError) as info:
+        load_cifar10(folder, md5s=small.md5s)
+    message = str(info.value)
+    assert message.startswith(f"{name}: md5 mismatch in {folder}: "), message
+    assert f"expected {small.md5s[name]}, got {actual}" in message
+
+
+def test_reading_verifies_against_the_official_table_by_default(small):
+    with pytest.raises(DataError) as info:
+        load_cifar10(small.folder)
+    assert str(info.value).startswith("batches.meta: md5 mismatch")
+    assert f"expected {OFFICIAL_MD5['batches.meta']}" in str(info.value)
+    with pytest.raises(DataError, match="^batches.meta: md5 mismatch"):
+        load_test_split(small.folder)
+
+
+def test_reading_takes_the_md5s_from_the_environment(small, monkeypatch):
+    injected = load_cifar10(small.folder, md5s=small.md5s)
+    monkeypatch.setenv(MD5SUMS_ENV, str(small.md5sums))
+    data = load_cifar10(small.folder, test_limit=5)
+    assert torch.equal(data.train_images, injected.train_images)
+    assert torch.equal(load_test_split(small.folder).images, injected.test_images)
+
+
+@pytest.mark.parametrize(("meta", "fragment"), [
+    ({"label_names": list(CLASSES[:9])}, "expected 10 class names"),
+    ({"label_names": [c.encode() for c in CLASSES]}, "expected 10 class names"),
+    ({"names": list(CLASSES)}, "not a CIFAR-10 meta pickle (KeyError"),
+    (b"junk", "not a CIFAR-10 meta pickle"),
+])
+def test_a_bad_meta_file_is_refused(small, tmp_path, meta, fragment):
+    content = meta if isinstance(meta, bytes) else pickle.dumps(meta, protocol=2)
+    folder, md5s = replaced_copy(small, tmp_path, "batches.meta", content)
+    for load in (load_cifar10, load_test_split):
+        with pytest.raises(DataError) as info:
+            load(folder, md5s=md5s)
+        assert str(info.value).startswith(f"{folder / 'batches.meta'}: "), str(info.value)
+        assert fragment in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------- load_cifar10
@@ -363,13 +528,8 @@ def rows(images: torch.Tensor) -> list[bytes]:
     return [img.numpy().tobytes() for img in images]
 
 
-def file_order(folder: Path, files) -> tuple[np.ndarray, np.ndarray]:
-    parts = [read_batch(folder / name) for name in files]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
 def test_load_cifar10_full(small):
-    data = load_cifar10(small.folder)
+    data = load_cifar10(small.folder, md5s=small.md5s)
     n_train, n_test = PER_BATCH * len(TRAIN_FILES), PER_BATCH * len(TEST_FILES)
     assert data.train_images.shape == (n_train, 3, 32, 32) and data.train_images.dtype == torch.uint8
     assert data.test_images.shape == (n_test, 3, 32, 32) and data.test_images.dtype == torch.uint8
@@ -385,13 +545,13 @@ def test_load_cifar10_full(small):
 
 
 def test_load_cifar10_subsets_are_fixed(small):
-    a = load_cifar10(small.folder, train_limit=30, test_limit=7)
-    b = load_cifar10(small.folder, train_limit=30, test_limit=7)
+    a = load_cifar10(small.folder, train_limit=30, test_limit=7, md5s=small.md5s)
+    b = load_cifar10(small.folder, train_limit=30, test_limit=7, md5s=small.md5s)
     assert len(a.train_images) == 30 and len(a.train_labels) == 30
     assert len(a.test_images) == 7 and len(a.test_labels) == 7
     for field in ("train_images", "train_labels", "test_images", "test_labels"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
-    full = load_cifar10(small.folder)
+    full = load_cifar10(small.folder, md5s=small.md5s)
     all_train, all_test = rows(full.train_images), rows(full.test_images)
     # A subset is a subset (image with its own label), kept in file order, not just the first images.
     positions = [all_train.index(r) for r in rows(a.train_images)]
@@ -401,13 +561,24 @@ def test_load_cifar10_subsets_are_fixed(small):
     assert test_positions == sorted(test_positions)
     assert torch.equal(full.test_labels[test_positions], a.test_labels)
     # A smaller limit is a prefix of the same fixed permutation: its images are among the larger subset's.
-    smaller = load_cifar10(small.folder, train_limit=10, test_limit=3)
+    smaller = load_cifar10(small.folder, train_limit=10, test_limit=3, md5s=small.md5s)
     assert set(rows(smaller.train_images)) <= set(rows(a.train_images))
     assert set(rows(smaller.test_images)) <= set(rows(a.test_images))
 
 
+def test_load_cifar10_subsets_follow_the_split_seed(small):
+    # The fixed permutation, spelled out: the first `limit` of randperm(SPLIT_SEED), in file order.
+    full = load_cifar10(small.folder, md5s=small.md5s)
+    data = load_cifar10(small.folder, train_limit=30, test_limit=7, val_size=11, md5s=small.md5s)
+    order = torch.randperm(len(full.train_images), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    assert torch.equal(data.val_images, full.train_images[order[:11].sort().values])
+    assert torch.equal(data.train_images, full.train_images[order[11:41].sort().values])
+    test_order = torch.randperm(len(full.test_images), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    assert torch.equal(data.test_images, full.test_images[test_order[:7].sort().values])
+
+
 def test_load_cifar10_limit_above_the_split_size_takes_everything(small):
-    data = load_cifar10(small.folder, train_limit=10_000, test_limit=10_000)
+    data = load_cifar10(small.folder, train_limit=10_000, test_limit=10_000, md5s=small.md5s)
     assert len(data.train_images) == PER_BATCH * len(TRAIN_FILES)
     assert len(data.test_images) == PER_BATCH * len(TEST_FILES)
 
@@ -415,20 +586,20 @@ def test_load_cifar10_limit_above_the_split_size_takes_everything(small):
 @pytest.mark.parametrize("train_limit", [None, 10])
 def test_load_cifar10_validation_is_held_out(small, train_limit):
     n_train = PER_BATCH * len(TRAIN_FILES)
-    data = load_cifar10(small.folder, val_size=25, train_limit=train_limit)
+    data = load_cifar10(small.folder, val_size=25, train_limit=train_limit, md5s=small.md5s)
     assert len(data.val_images) == 25 and len(data.val_labels) == 25
     assert data.val_images.dtype == torch.uint8 and data.val_labels.dtype == torch.int64
     assert len(data.train_images) == (n_train - 25 if train_limit is None else train_limit)
     train, val = set(rows(data.train_images)), set(rows(data.val_images))
     assert len(val) == 25 and not train & val  # disjoint by content
-    full = load_cifar10(small.folder)
+    full = load_cifar10(small.folder, md5s=small.md5s)
     all_train = rows(full.train_images)
     if train_limit is None:
         assert train | val == set(all_train)
     positions = [all_train.index(r) for r in rows(data.val_images)]
     assert torch.equal(full.train_labels[positions], data.val_labels)  # labels travel with their images
     # The held-out images are the same on every call and do not depend on the limits.
-    again = load_cifar10(small.folder, val_size=25, train_limit=5, test_limit=3)
+    again = load_cifar10(small.folder, val_size=25, train_limit=5, test_limit=3, md5s=small.md5s)
     assert torch.equal(again.val_images, data.val_images)
     # The test split is untouched by val_size.
     assert torch.equal(data.test_images, full.test_images)
@@ -437,31 +608,19 @@ def test_load_cifar10_validation_is_held_out(small, train_limit):
 @pytest.mark.parametrize("val_size", [PER_BATCH * len(TRAIN_FILES), PER_BATCH * len(TRAIN_FILES) + 1, 10**6])
 def test_load_cifar10_val_size_too_large(small, val_size):
     with pytest.raises(DataError) as info:
-        load_cifar10(small.folder, val_size=val_size)
+        load_cifar10(small.folder, val_size=val_size, md5s=small.md5s)
     assert str(info.value).startswith(f"data.val_size ({val_size})")
     assert str(PER_BATCH * len(TRAIN_FILES)) in str(info.value)
 
 
 def test_load_cifar10_largest_val_size_leaves_one_training_image(small):
     n_train = PER_BATCH * len(TRAIN_FILES)
-    data = load_cifar10(small.folder, val_size=n_train - 1)
+    data = load_cifar10(small.folder, val_size=n_train - 1, md5s=small.md5s)
     assert len(data.train_images) == 1 and len(data.val_images) == n_train - 1
 
 
-def test_load_cifar10_names_a_bad_or_missing_batch(small, tmp_path):
-    folder = tmp_path / FOLDER
-    shutil.copytree(small.folder, folder)
-    write_pickle(folder / "data_batch_4", {b"data": np.zeros((4, 100), np.uint8), b"labels": [0, 1, 2, 3]})
-    with pytest.raises(DataError, match="data_batch_4: 'data' must be a uint8 array"):
-        load_cifar10(folder)
-    (folder / "test_batch").unlink()
-    shutil.copyfile(small.folder / "data_batch_4", folder / "data_batch_4")
-    with pytest.raises(DataError, match="test_batch: missing"):
-        load_cifar10(folder)
-
-
 def test_mean_std(small):
-    data = load_cifar10(small.folder)
+    data = load_cifar10(small.folder, md5s=small.md5s)
     mean, std = data.mean_std()
     assert len(mean) == 3 and len(std) == 3
     assert all(isinstance(v, float) for v in mean + std)
@@ -470,8 +629,33 @@ def test_mean_std(small):
     assert std == pytest.approx(tuple(x.std(axis=(0, 2, 3), ddof=1)))
     assert all(100 < m < 155 for m in mean) and all(60 < s < 90 for s in std)  # uniform bytes: 127.5 and 73.9
     # Statistics of the training split only.
-    held_out = load_cifar10(small.folder, val_size=50).mean_std()
+    held_out = load_cifar10(small.folder, val_size=50, md5s=small.md5s).mean_std()
     assert held_out != (mean, std)
+
+
+# ------------------------------------------------------------------------------------------- load_test_split
+
+
+@pytest.mark.parametrize("test_limit", [None, 7, 1, 10_000])
+def test_load_test_split_is_load_cifar10s_test_split(small, test_limit):
+    test = load_test_split(small.folder, test_limit, md5s=small.md5s)
+    data = load_cifar10(small.folder, train_limit=13, test_limit=test_limit, val_size=9, md5s=small.md5s)
+    assert isinstance(test, Cifar10Test)
+    assert torch.equal(test.images, data.test_images) and torch.equal(test.labels, data.test_labels)
+    assert test.images.dtype == torch.uint8 and test.labels.dtype == torch.int64
+    assert test.classes == data.classes == CLASSES
+    assert len(test.images) == min(test_limit or PER_BATCH, PER_BATCH)
+
+
+def test_load_test_split_reads_only_the_test_batch(small, tmp_path):
+    folder = tmp_path / FOLDER
+    folder.mkdir()
+    for name in ("batches.meta",) + TEST_FILES:
+        shutil.copyfile(small.folder / name, folder / name)
+    test = load_test_split(folder, test_limit=5, md5s=small.md5s)
+    assert torch.equal(test.images, load_test_split(small.folder, test_limit=5, md5s=small.md5s).images)
+    with pytest.raises(DataError, match="^data_batch_1: missing from"):
+        load_cifar10(folder, md5s=small.md5s)
 
 
 # ------------------------------------------------------------------------------------------- the real files
@@ -486,9 +670,16 @@ def real_mirror() -> Path:
     return Path(REAL_MIRROR)
 
 
+def real_folder(mirror: Path) -> Path:
+    folder = mirror / FOLDER if (mirror / FOLDER).is_dir() else mirror
+    if not all((folder / name).is_file() for name in OFFICIAL_MD5):
+        pytest.skip(f"{mirror} holds no unpacked {FOLDER}")
+    return folder
+
+
 def test_real_fetch_and_load(real_mirror, tmp_path):
     dest = tmp_path / "data" / FOLDER
-    source = fetch(dest, UNREACHABLE_URL, mirror=str(real_mirror), md5s=OFFICIAL_MD5, progress=False)
+    source = fetch(dest, UNREACHABLE_URL, mirror=str(real_mirror), progress=False)  # the official table
     assert source.startswith(str(real_mirror))
     assert {p.name for p in dest.iterdir()} == set(OFFICIAL_MD5)
     data = load_cifar10(dest)
@@ -499,21 +690,48 @@ def test_real_fetch_and_load(real_mirror, tmp_path):
     assert data.classes == CLASSES
     assert torch.bincount(data.train_labels, minlength=10).tolist() == [5000] * 10
     assert torch.bincount(data.test_labels, minlength=10).tolist() == [1000] * 10
+    x, y = file_order(dest, TEST_FILES)
+    assert np.array_equal(data.test_images.numpy(), x) and np.array_equal(data.test_labels.numpy(), y)
+
+
+def test_real_md5sums_file_is_the_official_table(real_mirror):
+    if not (real_mirror / "MD5SUMS").is_file():
+        pytest.skip(f"{real_mirror} holds no MD5SUMS")
+    assert read_md5sums(real_mirror / "MD5SUMS") == OFFICIAL_MD5
+
+
+# sha256 of the six tensors (train, val, test images and labels) for (train_limit, test_limit, val_size): every
+# training run is compared byte for byte with earlier ones, so the cuts must never move.
+REAL_SPLIT_DIGESTS = {
+    (None, None, 0): "9048fcbac9c08a64d57a7c5a5a66750a974ad4eab380914df129f7e223d823df",
+    (1024, 512, 0): "d3a7e54c5d57622ac0c1bd437766a0018c5f7daf6c0891926f6d056bc330b9b1",
+    (3000, 777, 123): "ca45b8591a3e564db87b8a766f7080c77d575efe81dca3f909d300ad4304a4cf",
+}
+
+
+@pytest.mark.parametrize("limits", REAL_SPLIT_DIGESTS)
+def test_real_splits_are_byte_identical(real_mirror, limits):
+    folder = real_folder(real_mirror)
+    train_limit, test_limit, val_size = limits
+    data = load_cifar10(folder, train_limit, test_limit, val_size)
+    fields = (data.train_images, data.train_labels, data.val_images, data.val_labels, data.test_images,
+              data.test_labels)
+    assert hashlib.sha256(b"".join(t.numpy().tobytes() for t in fields)).hexdigest() == REAL_SPLIT_DIGESTS[limits]
+    test = load_test_split(folder, test_limit)
+    assert torch.equal(test.images, data.test_images) and torch.equal(test.labels, data.test_labels)
 
 
 def test_real_mirror_with_a_flipped_byte(real_mirror, tmp_path):
-    real_folder = real_mirror / FOLDER if (real_mirror / FOLDER).is_dir() else real_mirror
-    if not all((real_folder / name).is_file() for name in OFFICIAL_MD5):
-        pytest.skip(f"{real_mirror} holds no unpacked {FOLDER}")
+    real = real_folder(real_mirror)
     # The copy: data_batch_3 is a real copy with one byte flipped; the other six link to the real files.
     folder = tmp_path / "mirror" / FOLDER
     folder.mkdir(parents=True)
     for name in OFFICIAL_MD5:
         if name == "data_batch_3":
-            shutil.copyfile(real_folder / name, folder / name)
+            shutil.copyfile(real / name, folder / name)
             flip_byte(folder / name)
         else:
-            (folder / name).symlink_to((real_folder / name).resolve())
+            (folder / name).symlink_to((real / name).resolve())
     actual = hashlib.md5((folder / "data_batch_3").read_bytes()).hexdigest()
     assert actual != OFFICIAL_MD5["data_batch_3"]
     dest = tmp_path / "out" / FOLDER

@@ -1,20 +1,26 @@
-"""dvc.yaml wiring: stage order, commands that import their own tree, exact code deps, declared outputs."""
+"""dvc.yaml wiring: stage order, commands that import their own tree, exact code deps, declared outputs, and the
+committed record of a real run."""
 
+import hashlib
+import json
+import subprocess
 from pathlib import Path
 
 import yaml
+
+from cifar_resnet import paths
 
 from closure import import_closure
 from conftest import REPO
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = DVC["stages"]
-DATA_INPUTS = {"data/cifar-10-batches-py", "metrics/lr_range_test.json", "models/model.pt", "models/predictions.npz",
+DATA_INPUTS = {"data/params_checked.txt", "data/cifar-10-batches-py", "metrics/lr_range_test.json", "models/model.pt", "models/predictions.npz",
                "plots/history.tsv", "metrics/train.json"}
 
 
 def test_stage_names_in_order():
-    assert list(STAGES) == ["download", "lr_range_test", "train", "evaluate", "gallery"]
+    assert list(STAGES) == ["check_params", "download", "lr_range_test", "train", "evaluate", "gallery"]
 
 
 def test_commands_import_the_library_from_the_tree_they_run_in():
@@ -35,7 +41,10 @@ def test_closure_follows_imports_between_library_modules():
     closure = import_closure(REPO / "stages" / "train.py")
     assert "src/cifar_resnet/model.py" in closure and "src/cifar_resnet/schedule.py" in closure
     # The gallery's plotting never reruns training.
-    assert "src/cifar_resnet/report.py" not in closure
+    assert "src/cifar_resnet/figures.py" not in closure
+    # A change to the training loop never reruns evaluation.
+    evaluate = import_closure(REPO / "stages" / "evaluate.py")
+    assert not {f"src/cifar_resnet/{m}.py" for m in ("train", "schedule", "checkpoint", "step")} & evaluate
 
 
 def test_every_dep_exists_in_the_repo_or_is_a_stage_output():
@@ -55,8 +64,27 @@ def test_train_reads_the_range_test_pick_and_tracks_lr_max():
     assert "lr_max" not in STAGES["lr_range_test"]["params"]  # -S lr_max=... never reruns the range test
 
 
-def test_download_gates_the_whole_params_file():
-    assert STAGES["download"]["params"] == [{"params.yaml": None}]
+def test_the_gate_tracks_the_whole_params_file_and_download_only_its_url():
+    assert STAGES["check_params"]["params"] == [{"params.yaml": None}]
+    assert STAGES["check_params"]["outs"] == [str(paths.PARAMS_CHECKED)]
+    assert STAGES["download"]["params"] == ["data.url"]
+    # Every other stage comes after the gate: download depends on it, and everything else on download.
+    assert str(paths.PARAMS_CHECKED) in STAGES["download"]["deps"]
+    for name in ("lr_range_test", "train", "evaluate", "gallery"):
+        assert str(paths.DATA_DIR) in STAGES[name]["deps"], name
+
+
+def _declared_outputs() -> set[str]:
+    found = set()
+    for stage in STAGES.values():
+        for kind in ("outs", "metrics", "plots"):
+            found |= {out if isinstance(out, str) else next(iter(out)) for out in stage.get(kind, [])}
+    return found
+
+
+def test_paths_module_and_dvc_yaml_name_the_same_outputs():
+    in_paths = {str(v) for k, v in vars(paths).items() if k.isupper() and isinstance(v, Path)}
+    assert in_paths == _declared_outputs()
 
 
 def test_small_outputs_are_git_files_and_big_ones_are_cached():
@@ -80,28 +108,40 @@ def test_declared_image_plots_and_metrics():
     assert {"metrics/train.json", "metrics/evaluate.json", "metrics/lr_range_test.json"} <= metrics
 
 
-def test_committed_lock_matches_the_tree():
-    """dvc.lock records a real run of main: every dependency file's md5 and every param match what is committed."""
-    import hashlib
+RECORD = json.loads((REPO / "metrics" / "record.json").read_text())
 
-    lock_path = REPO / "dvc.lock"
-    if not lock_path.exists():
-        return
-    lock = yaml.safe_load(lock_path.read_text())
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+
+def _file_at(commit: str, path: str) -> bytes:
+    shown = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO, capture_output=True)
+    assert shown.returncode == 0, f"{path} at {commit[:10]}: {shown.stderr.decode().strip()} (a shallow clone?)"
+    return shown.stdout
+
+
+def test_committed_lock_is_the_record_of_the_commit_it_names():
+    """dvc.lock records a real run of the code of `made_from_commit` (metrics/record.json): every dependency file's
+    md5 and every param match that commit, and every small output it lists matches the committed file. main's code
+    may be ahead of the record until the record is remade."""
+    commit = RECORD["made_from_commit"]
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
+    params = yaml.safe_load(_file_at(commit, "params.yaml"))
     for name, stage in lock["stages"].items():
         for dep in stage.get("deps", []):
-            path = REPO / dep["path"]
-            if path.is_file() and not str(dep.get("md5", "")).endswith(".dir") and Path(dep["path"]).parts[0] in (
-                    "src", "stages"):
-                assert hashlib.md5(path.read_bytes()).hexdigest() == dep["md5"], f"{name}: {dep['path']}"
-            elif dep["path"].startswith("metrics/") or dep["path"].startswith("plots/"):
-                assert hashlib.md5(path.read_bytes()).hexdigest() == dep["md5"], f"{name}: {dep['path']}"
+            if dep["path"].startswith(("src/", "stages/")):
+                assert hashlib.md5(_file_at(commit, dep["path"])).hexdigest() == dep["md5"], f"{name}: {dep['path']}"
         for key, value in stage.get("params", {}).get("params.yaml", {}).items():
             node = params
             for part in key.split("."):
                 node = node[part]
             assert node == value, f"{name}: params {key}"
+        for out in stage.get("outs", []):
+            if out["path"].startswith(("metrics/", "plots/", "timing/")):
+                assert hashlib.md5((REPO / out["path"]).read_bytes()).hexdigest() == out["md5"], out["path"]
+
+
+def test_the_record_and_the_readme_name_the_same_commit():
+    readme = (REPO / "README.md").read_text()
+    assert RECORD["made_from_commit"][:7] in readme
+    assert _file_at(RECORD["committed_in"], "dvc.lock") == (REPO / "dvc.lock").read_bytes()
 
 
 def test_no_plain_uncached_out_switches_the_run_cache_off():

@@ -195,3 +195,25 @@ def test_save_and_load_round_trip(tmp_path):
 def test_load_trained_missing_file(tmp_path):
     with pytest.raises(DataError, match="missing"):
         load_trained(tmp_path / "nope.pt")
+
+
+class _Payload:
+    """Anything that is not tensors and plain values: unpickling it could run code."""
+
+
+def test_load_trained_refuses_a_file_that_holds_more_than_weights(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": {}, "model": {"channels": [8, 16, 32, 64], "logit_scale": 0.125},
+                "payload": _Payload()}, path)
+    with pytest.raises(DataError, match="model.pt: not a readable model file"):
+        load_trained(path)
+
+
+def test_saved_weights_name_no_temporary_file(tmp_path):
+    import zipfile
+
+    path = tmp_path / "model.pt"
+    save_trained(path, ResNet9((8, 16, 32, 64)), ModelParams(channels=(8, 16, 32, 64)), (1, 2, 3), (4, 5, 6),
+                 [str(i) for i in range(10)], {})
+    names = zipfile.ZipFile(path).namelist()
+    assert all(n.startswith("archive/") for n in names), names[:3]

@@ -4,16 +4,13 @@ data ($CIFAR10_MIRROR; skipped without it, run in CI). Tests run in file order a
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import REPO, stage_env
+from conftest import Repo, copy_repo, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -25,20 +22,7 @@ OUTPUTS = ["data/cifar-10-batches-py/data_batch_1", "metrics/lr_range_test.json"
            "models/predictions.npz", "plots/gallery.png", "plots/curves.png", "plots/lr_schedule.png"]
 
 
-class Repo:
-    def __init__(self, path: Path, env: dict):
-        self.path, self.env = path, env
-
-    def run(self, *args, check=True, timeout=600) -> subprocess.CompletedProcess:
-        result = subprocess.run(list(args), cwd=self.path, env=self.env, capture_output=True, text=True,
-                                timeout=timeout)
-        if check and result.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-        return result
-
-    def dvc(self, *args, **kw) -> subprocess.CompletedProcess:
-        return self.run("dvc", *args, **kw)
-
+class Pipeline(Repo):
     def exp_run(self, *sets, check=True) -> subprocess.CompletedProcess:
         """`dvc exp run -S ...` from the committed params (an earlier failed run may have left its own)."""
         self.run("git", "checkout", "params.yaml")
@@ -47,9 +31,6 @@ class Repo:
             args += ["-S", s]
         return self.dvc(*args, check=check)
 
-    def json(self, rel: str) -> dict:
-        return json.loads((self.path / rel).read_text())
-
 
 def ran(result, stage: str) -> bool:
     return f"Running stage '{stage}'" in result.stdout
@@ -57,29 +38,15 @@ def ran(result, stage: str) -> bool:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, mirror):
-    """The repo's files (not .venv, data or earlier outputs) in a new git repository."""
     root = tmp_path_factory.mktemp("e2e")
-    path = root / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        if rel == "dvc.lock" or rel.startswith(("metrics/", "plots/", "timing/")) or not (REPO / rel).is_file():
-            continue
-        (path / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, path / rel)
-    env = stage_env(root / "cache", CIFAR10_MIRROR=str(mirror), GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-                    GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env = stage_env(root / "cache", CIFAR10_MIRROR=str(mirror))
     env.pop("PYTHONPATH")  # the stage commands set their own
-    r = Repo(path, env)
-    r.run("git", "init", "-q")
-    r.run("git", "add", "-A")
-    r.run("git", "commit", "-qm", "copy")
-    return r
+    return copy_repo(root / "repo", env, Pipeline)
 
 
-def test_tiny_configuration_runs_all_five_stages(repo):
+def test_tiny_configuration_runs_every_stage(repo):
     result = repo.exp_run(*TINY)
-    for stage in ("download", "lr_range_test", "train", "evaluate", "gallery"):
+    for stage in ("check_params", "download", "lr_range_test", "train", "evaluate", "gallery"):
         assert ran(result, stage), stage
     for rel in OUTPUTS:
         assert (repo.path / rel).is_file(), rel
@@ -90,9 +57,11 @@ def test_tiny_configuration_runs_all_five_stages(repo):
     assert train["lr_source"] == "lr_range_test"
     assert train["lr_max"] == repo.json("metrics/lr_range_test.json")["lr_max"]
     assert (repo.path / "plots/confusion.csv").read_text().count("\n") == 513
-    # Settle the tiny configuration as the baseline commit.
+    # Settle the tiny configuration as the baseline commit. From here on there is no mirror and no network: no
+    # later run may fetch the data again.
     repo.run("git", "add", "-A")
     repo.run("git", "commit", "-qm", "tiny baseline")
+    repo.env = {k: v for k, v in repo.env.items() if k != "CIFAR10_MIRROR"}
 
 
 def test_second_repro_runs_nothing(repo):
@@ -100,10 +69,10 @@ def test_second_repro_runs_nothing(repo):
     assert "Running stage" not in result.stdout, result.stdout
 
 
-def test_lr_max_override_reruns_train_not_the_range_test(repo):
+def test_lr_max_override_reruns_train_never_download_or_the_range_test(repo):
     result = repo.exp_run("lr_max=0.05")
-    assert ran(result, "train") and ran(result, "evaluate") and ran(result, "gallery")
-    assert not ran(result, "lr_range_test")
+    assert ran(result, "check_params") and ran(result, "train") and ran(result, "evaluate") and ran(result, "gallery")
+    assert not ran(result, "download") and not ran(result, "lr_range_test")
     assert repo.json("metrics/train.json")["lr_max"] == 0.05
     assert repo.json("metrics/train.json")["lr_source"] == "params.yaml"
     diff = repo.dvc("metrics", "diff", "--json").stdout
@@ -135,7 +104,7 @@ def test_bad_params_fail_before_any_work(repo, setting, key):
     out = result.stdout + result.stderr
     assert f"error: {key}" in out, out
     assert "Traceback" not in out
-    for stage in ("lr_range_test", "train", "evaluate", "gallery"):
+    for stage in ("download", "lr_range_test", "train", "evaluate", "gallery"):
         assert not ran(result, stage), stage
 
 
@@ -167,7 +136,21 @@ def test_queued_sweep_runs_each_point_with_its_own_metrics(repo):
                 if lr in (0.02, 0.08):
                     found[lr] = acc
     assert set(found) == {0.02, 0.08} and all(a is not None for a in found.values()), found
+    for point in (0.02, 0.08):  # each ran offline from the cached data, without the download stage
+        name = _exp_name(shown, point)
+        logs = repo.dvc("queue", "logs", name).stdout
+        assert "Running stage 'train'" in logs and "Running stage 'download'" not in logs, logs
     repo.dvc("queue", "stop", check=False)
+
+
+def _exp_name(shown: list, lr_max: float) -> str:
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for run in exp.get("revs", []):
+                if ((run.get("data") or {}).get("params") or {}).get("params.yaml", {}).get("data", {}).get(
+                        "lr_max") == lr_max:
+                    return exp.get("name") or run["rev"]
+    raise AssertionError(f"no experiment with lr_max {lr_max}")
 
 
 def test_corrupted_mirror_fails_download_naming_the_file(repo, mirror, tmp_path):
@@ -178,7 +161,7 @@ def test_corrupted_mirror_fails_download_naming_the_file(repo, mirror, tmp_path)
     blob = bytearray(target.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     target.write_bytes(bytes(blob))
-    env = dict(repo.env, CIFAR10_MIRROR=str(bad.parent))
+    env = dict(repo.env, CIFAR10_MIRROR=str(bad.parent))  # the only test after the baseline that has a mirror
     result = subprocess.run(["dvc", "repro", "-f", "download"], cwd=repo.path, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode != 0

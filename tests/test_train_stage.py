@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import queue
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import psutil
@@ -17,8 +18,11 @@ import torch
 
 from conftest import REPO, make_workspace, run_stage, stage_env
 
+HARNESS = Path(__file__).with_name("held_stage.py")
+MALLOC_TUNABLE = "glibc.malloc.mmap_threshold=4294967296"
+
 EPOCHS = 6
-PER_BATCH = 192  # 960 training images, 15 steps an epoch: long enough to signal a run mid-way
+PER_BATCH = 192  # 960 training images, 15 steps an epoch
 OUTPUTS = ["models/model.pt", "metrics/train.json", "plots/history.tsv", "timing/train.json",
            "models/summary.txt"]
 
@@ -28,22 +32,101 @@ def _train(ws: Path, cache: Path, **kw) -> subprocess.CompletedProcess:
     return result
 
 
-def _start(ws: Path, cache: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "stages" / "train.py")], cwd=ws,
-                            env=stage_env(cache, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+class Held:
+    """The train stage started under tests/held_stage.py: it stops after logging epoch `epoch` (its checkpoint is
+    saved by then) and stays there until killed or signalled. Nothing here depends on how fast the CPU is; the
+    timeouts only turn a hang into a failure."""
+
+    def __init__(self, ws: Path, cache: Path, epoch: int = 1):
+        self.epoch = epoch
+        self.fifo = ws.with_name(ws.name + ".hold")  # beside the workspace, not in it
+        os.mkfifo(self.fifo)
+        # Held open by the test (read-write: never blocks): the stage blocks reading it; closing it releases.
+        self.fd = os.open(self.fifo, os.O_RDWR)
+        env = stage_env(cache, PYTHONUNBUFFERED="1", HOLD_AFTER_EPOCH=str(epoch), HOLD_FIFO=str(self.fifo),
+                        GLIBC_TUNABLES=MALLOC_TUNABLE)  # as the stage would set it: no re-exec
+        self.proc = subprocess.Popen([sys.executable, str(HARNESS), str(REPO / "stages" / "train.py")], cwd=ws,
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.pid = self.proc.pid
+        self.seen = ""
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _next(self, timeout: float) -> str | None:
+        try:
+            return self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no output for {timeout:.0f} s (hung?); output so far:\n{self.seen}") from None
+
+    def wait_for(self, text: str, timeout: float = 300) -> str:
+        """Read the output up to the line holding `text`."""
+        while (line := self._next(timeout)) is not None:
+            self.seen += line
+            if text in line:
+                return self.seen
+        raise AssertionError(f"never saw {text!r}; output so far:\n{self.seen}")
+
+    def wait_held(self, epochs: int, timeout: float = 300) -> str:
+        """Read the output up to the line of the held epoch: from then on the stage waits, its checkpoint saved."""
+        return self.wait_for(f"epoch {self.epoch:>2}/{epochs} ", timeout)
+
+    def output(self, timeout: float = 120) -> str:
+        """All the output, once every process holding the pipe has ended."""
+        while (line := self._next(timeout)) is not None:
+            self.seen += line
+        self.proc.wait(timeout=timeout)
+        return self.seen
+
+    def tree(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill(self) -> None:
+        """SIGKILL the process group, mid-run, and wait until every process of the tree is gone (torchrun's
+        workers, in sessions of their own, die with their parent)."""
+        tree = self.tree()
+        os.killpg(self.pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+        _, alive = psutil.wait_procs(tree, timeout=60)
+        assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            tree = self.tree()
+            for p in [self.proc, *tree]:
+                try:
+                    p.kill()
+                except (ProcessLookupError, psutil.NoSuchProcess):
+                    pass
+            self.proc.wait(timeout=60)
+            psutil.wait_procs(tree, timeout=60)
+        os.close(self.fd)
+        self._reader.join(timeout=60)  # ends at EOF, once no process of the tree holds the pipe
+        if not self._reader.is_alive():
+            self.proc.stdout.close()
 
 
-def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 120) -> str:
-    seen, deadline = "", time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen += line
-        if text in line:
-            return seen
-    raise AssertionError(f"never saw {text!r}; output so far:\n{seen}")
+@pytest.fixture
+def held():
+    """Start held train stages; whatever a test leaves running is killed at its end."""
+    started: list[Held] = []
+
+    def start(ws: Path, cache: Path) -> Held:
+        started.append(Held(ws, cache))
+        return started[-1]
+
+    yield start
+    for h in started:
+        h.close()
 
 
 def _metrics(ws: Path) -> dict[str, bytes]:
@@ -79,7 +162,7 @@ def test_train_writes_every_output_and_learns(baseline):
     assert timing["device"] == "cpu" and len(timing["seconds_per_epoch"]) == EPOCHS
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":  # the stage sets the allocator itself
         assert "glibc.malloc.mmap_threshold=4294967296" in timing["glibc_tunables"]
-    saved = torch.load(ws / "models/model.pt", weights_only=False)
+    saved = torch.load(ws / "models/model.pt", weights_only=True)
     assert list(saved["model"]["channels"]) == [8, 16, 32, 64] and len(saved["mean"]) == 3 and len(saved["classes"]) == 10
 
 
@@ -101,42 +184,42 @@ def test_another_seed_differs(baseline, tmp_path):
     assert _metrics(ws)["metrics/train.json"] != _metrics(baseline[0])["metrics/train.json"]
 
 
-def test_sigkill_then_rerun_resumes_to_identical_metrics(baseline, tmp_path):
+def test_sigkill_then_rerun_resumes_to_identical_metrics(baseline, tmp_path, held):
     ws, cache = make_workspace(tmp_path / "ws", PER_BATCH, train={"epochs": EPOCHS}), tmp_path / "cache"
-    proc = _start(ws, cache)
-    _wait_for(proc, f"epoch  1/{EPOCHS}")
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, mid-run
-    proc.wait()
+    run = held(ws, cache)
+    run.wait_held(EPOCHS)
+    run.kill()  # the whole process group, held after epoch 1 of 6
     assert not (ws / "metrics/train.json").exists() and not (ws / "models/model.pt").exists()
     assert list((cache / "checkpoints").glob("*/checkpoint.pt")), "the epoch checkpoint survives the kill"
     result = _train(ws, cache)
     assert result.returncode == 0, result.stderr
-    assert "Resuming from epoch " in result.stdout
+    assert "Resuming from epoch 2\n" in result.stdout  # held, then stopped, after epoch 1
     assert _metrics(ws) == _metrics(baseline[0])
     assert not list((cache / "checkpoints").glob("*/checkpoint.pt"))
 
 
-def test_sigint_stops_cleanly_and_resumes(baseline, tmp_path):
+def test_sigint_stops_cleanly_and_resumes(baseline, tmp_path, held):
     ws, cache = make_workspace(tmp_path / "ws", PER_BATCH, train={"epochs": EPOCHS}), tmp_path / "cache"
-    proc = _start(ws, cache)
-    _wait_for(proc, f"epoch  1/{EPOCHS}")
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out
+    run = held(ws, cache)
+    run.wait_held(EPOCHS)
+    run.proc.send_signal(signal.SIGINT)  # lands inside the train loop, after epoch 1 of 6
+    out = run.output()
+    assert run.proc.returncode == 130, out
     assert "interrupted" in out and "Traceback" not in out
+    assert f"epoch  2/{EPOCHS}" not in out, "interrupted while held after epoch 1"
     assert not (ws / "metrics/train.json").exists()
     assert not list(ws.rglob("*.tmp")), "no half-written file is left behind"
     result = _train(ws, cache)
-    assert "Resuming from epoch " in result.stdout
+    assert "Resuming from epoch 2\n" in result.stdout  # held, then stopped, after epoch 1
     assert _metrics(ws) == _metrics(baseline[0])
 
 
-def test_checkpoint_of_other_params_is_not_resumed(tmp_path):
+def test_checkpoint_of_other_params_is_not_resumed(tmp_path, held):
     ws, cache = make_workspace(tmp_path / "ws", PER_BATCH, train={"epochs": EPOCHS}), tmp_path / "cache"
-    proc = _start(ws, cache)
-    _wait_for(proc, f"epoch  1/{EPOCHS}")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    run = held(ws, cache)
+    run.wait_held(EPOCHS)
+    run.kill()
+    assert list((cache / "checkpoints").glob("*/checkpoint.pt")), "there is a checkpoint not to resume"
     make_workspace(ws, train={"epochs": EPOCHS, "weight_decay": 0.001})  # same folder, other params
     result = _train(ws, cache)
     assert result.returncode == 0, result.stderr
@@ -174,15 +257,15 @@ def test_lr_max_auto_without_range_test_fails_clearly(tmp_path):
 # ---------------------------------------------------------------------------------------------- two processes
 
 
-def test_two_processes_train_with_the_same_steps_and_resume(baseline, tmp_path):
+def test_two_processes_train_with_the_same_steps_and_resume(baseline, tmp_path, held):
     ws, cache = make_workspace(tmp_path / "ws", PER_BATCH, train={"epochs": EPOCHS, "nproc": 2}), tmp_path / "cache"
-    proc = _start(ws, cache)
-    _wait_for(proc, f"epoch  1/{EPOCHS}", timeout=180)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    run = held(ws, cache)
+    run.wait_held(EPOCHS)  # rank 0 held after epoch 1, rank 1 waiting for it at the epoch's barrier
+    run.kill()
+    assert list((cache / "checkpoints").glob("*/checkpoint.pt")), "the epoch checkpoint survives the kill"
     result = _train(ws, cache)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Resuming from epoch " in result.stdout and "2 process(es)" in result.stdout
+    assert "Resuming from epoch 2\n" in result.stdout and "2 process(es)" in result.stdout
     two = json.loads((ws / "metrics/train.json").read_text())
     one = json.loads((baseline[0] / "metrics/train.json").read_text())
     assert two["steps_per_epoch"] == one["steps_per_epoch"]
@@ -191,11 +274,11 @@ def test_two_processes_train_with_the_same_steps_and_resume(baseline, tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_no_worker_outlives_the_launcher(tmp_path, sig):
+def test_no_worker_outlives_the_launcher(tmp_path, sig, held):
     ws = make_workspace(tmp_path / "ws", train={"epochs": 40, "nproc": 2})
-    proc = _start(ws, tmp_path / "cache")
-    _wait_for(proc, "epoch  1/40", timeout=180)
-    tree = psutil.Process(proc.pid).children(recursive=True)
+    run = held(ws, tmp_path / "cache")
+    run.wait_held(40)  # the workers are up and mid-run: rank 0 held after epoch 1, rank 1 at the barrier
+    proc, tree = run.proc, run.tree()
     assert len([p for p in tree if "train.py" in " ".join(p.cmdline())]) >= 2, "torchrun started its workers"
     os.kill(proc.pid, sig)  # the launcher alone, not its group
     proc.wait(timeout=60)

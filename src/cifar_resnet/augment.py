@@ -1,4 +1,4 @@
-"""The augmentation pipeline: pad + random crop, horizontal flip, one cutout hole; then normalisation.
+"""The training augmentation: pad + random crop, horizontal flip, one cutout hole; then normalisation.
 
 Two implementations of one semantics:
 - `albumentations_pipeline`: per image, with albumentations (the reference; `augment.backend: albumentations`).
@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
-
-from cifar_resnet.runtime import derive_seed
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks its version online at import
 
@@ -97,53 +94,3 @@ def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     return (images.float() - m) / s
-
-
-class Loader:
-    """The whole split as one uint8 tensor on the device; yields (images, labels) batches (airbench-style).
-
-    With `aug` set, each epoch is shuffled by (seed, epoch) (the same order on every rank) and augmented by
-    (seed, epoch, rank); a rank takes its share of every global batch. Without it, batches come in order, unaugmented.
-    """
-
-    def __init__(self, images, labels, batch_size: int, mean, std, device, aug=None, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = True, memory_format=None):
-        self.images, self.labels = images.to(device), labels.to(device)
-        self.batch_size, self.mean, self.std, self.device = batch_size, mean, std, device
-        self.aug, self.seed, self.rank, self.world_size = aug, seed, rank, world_size
-        self.drop_last = drop_last and aug is not None
-        self.memory_format = memory_format or torch.contiguous_format
-        self.batch_augment = BatchAugment(aug, mean, std, device) if aug and aug.backend == "batched" else None
-
-    def __len__(self) -> int:
-        n = len(self.images)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def epoch(self, epoch: int):
-        n, bs = len(self.images), self.batch_size
-        if self.aug is None:
-            order = torch.arange(n, device=self.device)
-        else:
-            order_gen = torch.Generator().manual_seed(derive_seed(self.seed, "shuffle", epoch))
-            order = torch.randperm(n, generator=order_gen).to(self.device)
-        share = bs // self.world_size
-        if self.batch_augment is not None:
-            aug_gen = torch.Generator().manual_seed(derive_seed(self.seed, "augment", epoch, self.rank))
-            params = self.batch_augment.draw(len(self) * share, aug_gen)
-        elif self.aug is not None:
-            pipeline = albumentations_pipeline(self.aug, self.mean, self.std,
-                                               seed=derive_seed(self.seed, "augment", epoch, self.rank) % 2**32)
-        for i in range(len(self)):
-            idx = order[i * bs:(i + 1) * bs]
-            if self.aug is not None:
-                idx = idx[self.rank * share:(self.rank + 1) * share]
-            images, labels = self.images[idx], self.labels[idx]
-            if self.batch_augment is not None:
-                x = self.batch_augment(images, {k: v[i * share:(i + 1) * share] for k, v in params.items()})
-            elif self.aug is not None:
-                hwc = images.permute(0, 2, 3, 1).cpu().numpy()
-                x = torch.from_numpy(np.stack([pipeline(image=im)["image"] for im in hwc]))
-                x = x.permute(0, 3, 1, 2).to(self.device)
-            else:
-                x = normalise(images, self.mean, self.std)
-            yield x.contiguous(memory_format=self.memory_format), labels

@@ -1,9 +1,10 @@
-"""`make bench`: the pipeline's training step against the original project's way and against the convolution floor.
+"""`make bench`: the pipeline's training step against a plain PyTorch baseline and against the convolution floor.
 
 Each measurement runs in its own process, because the allocator setting is per process:
-- step: the pipeline's own step (batched augmentation + normalisation + forward/backward + SGD step), default
-  precision and layout, started the way the stages start (fast allocator).
-- reference: the original project's way: fp32, NCHW, per-image albumentations through a DataLoader with
+- step: `step.train_step`, the function the train stage runs (LR update, forward under autocast, loss, divergence
+  watch, gradient scaler, SGD step), fed by the train stage's `TrainLoader` (batched augmentation and
+  normalisation), default precision and layout, started the way the stages start (fast allocator).
+- reference: a plain PyTorch baseline: fp32, NCHW, per-image albumentations through a DataLoader with
   num_workers=0, the default allocator, same thread count.
 - floor: the same network with BatchNorm and ReLU replaced by identity, forward + backward, no optimizer step, in
   the step's precision, layout, batch, threads and allocator.
@@ -55,13 +56,12 @@ def _setup(precision_override: str | None = None):
 
 
 def _pipeline_step(steps: int):
-    """The pipeline's own training step on random data (timing does not depend on the pixels)."""
+    """The train stage's own step on random data (timing does not depend on the pixels)."""
     import torch
-    import torch.nn.functional as F
 
-    from cifar_resnet.augment import Loader
+    from cifar_resnet.loader import TrainLoader
     from cifar_resnet.model import build_model
-    from cifar_resnet.train import make_optimizer
+    from cifar_resnet.step import DivergenceWatch, make_optimizer, make_scaler, train_step
 
     params, runtime, sync = _setup()
     bs = params.train.batch_size
@@ -69,20 +69,17 @@ def _pipeline_step(steps: int):
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (n,))
     mean, std = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
-    loader = Loader(images, labels, bs, mean, std, runtime.device, aug=params.augment, seed=0,
-                    memory_format=runtime.memory_format)
+    loader = TrainLoader(images, labels, bs, mean, std, runtime.device, aug=params.augment, seed=0,
+                         memory_format=runtime.memory_format)
     model = build_model(params.model).to(runtime.device, memory_format=runtime.memory_format).train()
-    optimizer = make_optimizer(model, params.train)
-    batches = loader.epoch(1)
+    optimizer, scaler = make_optimizer(model, params.train), make_scaler(runtime)
+    watch = DivergenceWatch(runtime.device, max_loss=params.train.max_loss, lr_of=lambda _step: 0.1,
+                            steps_per_epoch=len(loader))
+    batches = enumerate(loader.epoch(1))
 
     def step():
-        x, y = next(batches)
-        with runtime.autocast():
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        i, (x, y) = next(batches)
+        train_step(model, optimizer, scaler, runtime, x, y, lr=0.1, watch=watch, step=i)
 
     return step, params, runtime, sync
 
@@ -139,7 +136,7 @@ def measure_reference(steps: int) -> dict:
 
     from cifar_resnet.augment import albumentations_pipeline
     from cifar_resnet.model import build_model
-    from cifar_resnet.train import make_optimizer
+    from cifar_resnet.step import make_optimizer
 
     params, runtime, sync = _setup(precision_override="fp32")
     bs = params.train.batch_size
@@ -215,14 +212,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print where the step's time goes, by operator")
     args = parser.parse_args()
     if args.profile:
-        from cifar_resnet.runtime import start_stage_process
+        from cifar_resnet.bootstrap import start_stage_process
 
         start_stage_process(fast_allocator=True)
         print(profile_step(args.steps))
         return
     if args.part:
         if args.part != "reference":
-            from cifar_resnet.runtime import start_stage_process
+            from cifar_resnet.bootstrap import start_stage_process
 
             start_stage_process(fast_allocator=True)
         print(json.dumps(PARTS[args.part](args.steps)))

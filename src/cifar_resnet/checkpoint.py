@@ -14,11 +14,12 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from cifar_resnet.io import atomic_path
+from cifar_resnet.atomic import atomic_path
 
 FILE = "checkpoint.pt"
 
@@ -42,10 +43,19 @@ def code_fingerprint() -> dict[str, str]:
     return {k: hashlib.md5(Path(v).read_bytes()).hexdigest() for k, v in sorted(files.items())}
 
 
-def run_key(config: dict, code: dict[str, str], data_md5: dict[str, str]) -> tuple[str, dict]:
-    identity = {"config": config, "code": code, "data": data_md5}
+def run_identity(params, lr_max: float, lr_min: float, world_size: int, data_md5: dict[str, str]) -> tuple[str, dict]:
+    """(key, identity): what a checkpoint must agree on to be resumed: the params train reads, the resolved LRs,
+    the process count, the code and the data; the key is a hash of it."""
+    config = {"seed": params.seed, "lr_max": lr_max, "lr_min": lr_min, "data": asdict(params.data),
+              "model": asdict(params.model), "augment": asdict(params.augment), "train": asdict(params.train),
+              "evaluate": asdict(params.evaluate), "world_size": world_size}
+    identity = {"config": config, "code": code_fingerprint(), "data": data_md5}
     blob = json.dumps(identity, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20], identity
+
+
+def exists(key: str) -> bool:
+    return (_folder(key) / FILE).is_file()
 
 
 def _folder(key: str) -> Path:
@@ -53,8 +63,8 @@ def _folder(key: str) -> Path:
 
 
 def save(key: str, state: dict) -> None:
-    with atomic_path(_folder(key) / FILE) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(_folder(key) / FILE) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)  # a file object: the records inside are not named after the temporary file
 
 
 def write_identity(key: str, identity: dict) -> None:
@@ -69,11 +79,20 @@ def load(key: str, log=print) -> dict | None:
     path = _folder(key) / FILE
     if path.is_file():
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a checkpoint is a convenience: a damaged one costs a fresh start, not the run
             log(f"Starting afresh: the checkpoint {path} could not be read ({type(exc).__name__}: {exc})")
             return None
     return None
+
+
+def claim(key: str, identity: dict, log=print) -> None:
+    """Before a run starts: say why an earlier checkpoint of this workspace is not resumed, and label this one."""
+    if not exists(key):
+        why = explain_fresh_start(key, identity)
+        if why:
+            log(why)
+    write_identity(key, identity)
 
 
 def explain_fresh_start(key: str, identity: dict) -> str | None:

@@ -1,24 +1,33 @@
-"""Official CIFAR-10 archive -> md5-verified batches -> uint8 tensors.
+"""CIFAR-10 files -> md5-verified folder -> uint8 tensors, with torchvision doing the fetching and reading.
 
-`fetch` writes the verified `cifar-10-batches-py` folder (the download stage's output); `load_cifar10` reads it back as
-one uint8 tensor per split in a second or two, and is the one way every later stage reads data.
+torchvision downloads and unpacks the archive (`download_url`, `extract_archive`), hashes the files
+(`calculate_md5`) and unpickles the batches (`datasets.CIFAR10`). This module adds what torchvision lacks: an
+offline mirror ($CIFAR10_MIRROR), an md5 table that can be swapped for another CIFAR-format copy
+($CIFAR10_MD5SUMS), an output folder that appears only once verified, errors that name the file at fault, the
+fixed subsets and validation split, and NCHW uint8 tensors.
+
+`fetch` writes the folder (the download stage's output); `load_cifar10` and `load_test_split` read it back and are
+the one way every later stage reads data.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import http.client
 import os
-import pickle
 import shutil
+import sys
 import tarfile
 import tempfile
-import urllib.request
+import urllib.parse
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import calculate_md5, download_url, extract_archive
 
 from cifar_resnet.errors import DataError
 
@@ -34,141 +43,217 @@ OFFICIAL_MD5 = {
 }
 FOLDER = "cifar-10-batches-py"
 ARCHIVE = "cifar-10-python.tar.gz"
+META = "batches.meta"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILES = ("test_batch",)
+FILES = (META,) + TRAIN_FILES + TEST_FILES
 MIRROR_ENV = "CIFAR10_MIRROR"
+MD5SUMS_ENV = "CIFAR10_MD5SUMS"
 SPLIT_SEED = 20_240_601  # the subsets and the validation split are fixed, whatever `seed` says
 
 
-def md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+# ---------------------------------------------------------------------------------------------------- md5 table
 
 
-def fetch(dest: str | Path, url: str, mirror: str | None = None, md5s: dict[str, str] = OFFICIAL_MD5,
+def expected_md5s(md5s: dict[str, str] | None = None) -> dict[str, str]:
+    """The md5 every CIFAR-10 file must have: `md5s` if given, else the md5sum file named by $CIFAR10_MD5SUMS,
+    else the official table. Keys: FILES, in that order."""
+    if md5s is not None:
+        return _every_file(md5s, "md5s")
+    path = os.environ.get(MD5SUMS_ENV)
+    if not path:
+        return dict(OFFICIAL_MD5)
+    return _every_file(read_md5sums(Path(path)), f"{MD5SUMS_ENV}={path}")
+
+
+def _every_file(table: dict[str, str], source: str) -> dict[str, str]:
+    missing = [name for name in FILES if name not in table]
+    if missing:
+        raise DataError(f"{source}: no md5 for {', '.join(missing)}")
+    return {name: table[name] for name in FILES}  # other names (a readme, say) play no part
+
+
+def read_md5sums(path: Path) -> dict[str, str]:
+    """An `md5sum` output file ("<md5>  <path>" lines) -> {file name: md5}; folders in the paths are ignored."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{MD5SUMS_ENV}={path}: unreadable ({exc})") from None
+    table = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        md5, _, name = line.strip().partition(" ")
+        name = name.strip().lstrip("*")  # md5sum marks files it read in binary mode with '*'
+        if len(md5) != 32 or not all(c in "0123456789abcdefABCDEF" for c in md5) or not name:
+            raise DataError(f"{MD5SUMS_ENV}={path}: line {number} is not '<md5>  <file>': {line!r}")
+        table[Path(name).name] = md5.lower()
+    return table
+
+
+def _verify(folder: Path, name: str, expected: str, source: str, hint: str = "") -> None:
+    """Raise a DataError naming `name` unless `folder / name` is a file whose md5 is `expected`."""
+    path = folder / name
+    if not path.is_file():
+        raise DataError(f"{name}: missing from {source}{hint}")
+    actual = calculate_md5(path)
+    if actual != expected:
+        raise DataError(f"{name}: md5 mismatch in {source}: expected {expected}, got {actual} (the file is "
+                        f"truncated, altered or not CIFAR-10; another CIFAR-format copy needs ${MD5SUMS_ENV})")
+
+
+# ---------------------------------------------------------------------------------------------------- fetching
+
+
+def fetch(dest: str | Path, url: str, mirror: str | None = None, md5s: dict[str, str] | None = None,
           progress: bool = True) -> str:
     """Write the verified CIFAR-10 folder to `dest` and return a description of where it came from.
 
-    `mirror` (default: $CIFAR10_MIRROR) is a local folder holding `cifar-10-batches-py/` or the archive; without it the
-    archive is downloaded from `url`. Every member's md5 is checked against `md5s`; on any failure `dest` is left as
-    it was and no staging folder remains.
+    `mirror` (default: $CIFAR10_MIRROR) is a local folder holding `cifar-10-batches-py/`, the archive, or the files
+    themselves; without it the archive is downloaded from `url`. Every file's md5 is checked against
+    `expected_md5s(md5s)`; on any failure `dest` is left as it was and nothing else remains beside it.
     """
-    dest = Path(dest)
+    dest, md5s = Path(dest), expected_md5s(md5s)
     mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV) or None
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # Everything (download, unpacking, verification) happens in a hidden sibling that is renamed into place.
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
     try:
-        source = _gather(staging, url, mirror, md5s, progress)
+        found, source = _gather(staging, url, mirror, progress)
+        verified = staging / "verified"
+        verified.mkdir()
         for name, expected in md5s.items():
-            path = staging / name
-            if not path.is_file():
-                raise DataError(f"{name}: missing from {source}")
-            actual = md5_of(path)
-            if actual != expected:
-                raise DataError(f"{name}: md5 mismatch in {source}: expected {expected}, got {actual} "
-                                "(the file is truncated, altered or not CIFAR-10)")
+            _verify(found, name, expected, source)
+            os.replace(found / name, verified / name)  # only the seven files: the archive also holds a readme
         if dest.exists():
             shutil.rmtree(dest)
-        os.replace(staging, dest)
+        os.replace(verified, dest)
         return source
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _gather(staging: Path, url: str, mirror: str | None, md5s: dict[str, str], progress: bool) -> str:
-    """Put the members named in `md5s` into `staging`; return where they came from."""
-    if mirror:
-        root = Path(mirror)
-        if not root.is_dir():
-            raise DataError(f"{MIRROR_ENV}={mirror}: not a folder")
-        for folder in (root / FOLDER, root):
-            if all((folder / name).is_file() for name in md5s):
-                for name in md5s:
-                    shutil.copyfile(folder / name, staging / name)
-                return str(folder)
-        if (root / ARCHIVE).is_file():
-            _extract(root / ARCHIVE, staging, md5s)
-            return str(root / ARCHIVE)
-        missing = [n for n in md5s if not (root / FOLDER / n).is_file()]
-        raise DataError(f"{', '.join(missing)}: missing from {root / FOLDER} (and no {ARCHIVE} in {root})")
-    archive = staging / ARCHIVE
-    _download(url, archive, progress)
-    _extract(archive, staging, md5s)
-    archive.unlink()
-    return url
+def _gather(staging: Path, url: str, mirror: str | None, progress: bool) -> tuple[Path, str]:
+    """Put the files into a folder under `staging`; return that folder and where the files came from."""
+    if not mirror:
+        archive = staging / ARCHIVE
+        _download(url, archive, progress)
+        return _unpack(archive, staging, url), url
+    root = Path(mirror)
+    if not root.is_dir():
+        raise DataError(f"{MIRROR_ENV}={mirror}: not a folder")
+    for folder in (root / FOLDER, root):
+        if all((folder / name).is_file() for name in FILES):
+            # A copy, verified below: the mirror's files could change between the check and the copy.
+            copy = staging / FOLDER
+            copy.mkdir()
+            for name in FILES:
+                shutil.copyfile(folder / name, copy / name)
+            return copy, str(folder)
+    if (root / ARCHIVE).is_file():
+        return _unpack(root / ARCHIVE, staging, str(root / ARCHIVE)), str(root / ARCHIVE)
+    missing = [name for name in FILES if not (root / FOLDER / name).is_file()]
+    raise DataError(f"{', '.join(missing)}: missing from {root / FOLDER} (and no {ARCHIVE} in {root})")
 
 
-def _download(url: str, target: Path, progress: bool) -> None:
-    from tqdm import tqdm
-
+def _download(url: str, archive: Path, progress: bool) -> None:
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):  # torchvision's downloader needs an HTTP reply
+        raise DataError(f"{url}: download failed (not an http or https URL); for a local copy of the archive or "
+                        f"the files, point {MIRROR_ENV} at its folder")
+    # torchvision's download bar cannot be switched off: without a terminal to draw on it goes to /dev/null.
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc="download", disable=not progress) as bar:
-                for chunk in iter(lambda: response.read(1 << 20), b""):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-    except (OSError, ValueError, http.client.HTTPException) as exc:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sys.stderr if progress else sink):
+            download_url(url, str(archive.parent), archive.name)
+    except (OSError, ValueError, RuntimeError, http.client.HTTPException) as exc:
         raise DataError(f"{url}: download failed ({exc}); offline, point {MIRROR_ENV} at a local copy") from None
 
 
-def _extract(archive: Path, staging: Path, md5s: dict[str, str]) -> None:
+def _unpack(archive: Path, staging: Path, source: str) -> Path:
+    """Extract `archive` under `staging`; return the folder its CIFAR-10 files should be in."""
+    target = staging / "unpacked"
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            for name in md5s:
-                try:
-                    member = tar.getmember(f"{FOLDER}/{name}")
-                except KeyError:
-                    raise DataError(f"{name}: missing from {archive}") from None
-                if not member.isfile():
-                    raise DataError(f"{name}: not a regular file in {archive}")
-                with tar.extractfile(member) as src, open(staging / name, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise DataError(f"{archive}: not a readable CIFAR-10 archive ({exc})") from None
+        extract_archive(str(archive), str(target))
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise DataError(f"{source}: not a readable CIFAR-10 archive ({exc})") from None
+    return target / FOLDER
 
 
-# ---------------------------------------------------------------------------------------------------- loading
+# ---------------------------------------------------------------------------------------------------- reading
 
 
-def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One official batch file -> (uint8 images N x 3 x 32 x 32, int64 labels N), checked."""
+class _VerifiedBatch(CIFAR10):
+    """torchvision's CIFAR-10 reader for one batch file of `folder`, verified against an injected md5 table.
+
+    One file at a time so that an unreadable file can be named: torchvision reads a whole split in one go.
+    """
+
+    def __init__(self, folder: Path, name: str, md5s: dict[str, str]):
+        # Instance attributes shadow the class's official table and folder name: that is where md5s go in.
+        self.base_folder = folder.name
+        self.train_list, self.test_list = [[name, md5s[name]]], []
+        self.meta = {**CIFAR10.meta, "md5": md5s[META]}
+        super().__init__(str(folder.parent), train=True)
+
+    def _check_integrity(self) -> bool:
+        # torchvision's own check only says "Dataset not found or corrupted": name the file and the cause.
+        folder = Path(self.root) / self.base_folder
+        for name, md5 in [[META, self.meta["md5"]], *self.train_list]:
+            _verify(folder, name, md5, str(folder), " (run the download stage)")
+        return True
+
+    def _load_meta(self) -> None:
+        try:
+            super()._load_meta()
+        except Exception as exc:  # as in _read_batch
+            path = Path(self.root) / self.base_folder / META
+            raise DataError(f"{path}: not a CIFAR-10 meta pickle ({type(exc).__name__}: {exc})") from None
+
+
+def _read_batch(folder: Path, name: str, md5s: dict[str, str]) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """One batch file -> (uint8 images N x 3 x 32 x 32, int64 labels N, class names), each checked."""
+    path = folder / name
     try:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing (run the download stage)") from None
-    except Exception as exc:  # a pickle that is not one raises anything from UnpicklingError to ValueError
+        batch = _VerifiedBatch(folder, name, md5s)
+    except DataError:
+        raise
+    except Exception as exc:  # a file that is no batch pickle raises anything from UnpicklingError to KeyError
         raise DataError(f"{path}: not a CIFAR-10 batch pickle ({type(exc).__name__}: {exc})") from None
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise DataError(f"{path}: not a CIFAR-10 batch (expected a dict with 'data' and 'labels')")
-    data, labels = batch[b"data"], np.asarray(batch[b"labels"])
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        desc = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {desc}")
-    if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{path}: 'labels' must be {data.shape[0]} integers, got shape {labels.shape} ({labels.dtype})")
+    images = batch.data.transpose(0, 3, 1, 2)  # torchvision's NHWC back to the files' (and the loader's) NCHW
+    if images.dtype != np.uint8:
+        raise DataError(f"{path}: 'data' must be uint8, got {images.dtype}")
+    labels = np.asarray(batch.targets)
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: 'labels' must be {len(images)} integers, got shape {labels.shape} ({labels.dtype})")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise DataError(f"{path}: labels must lie in 0-9, found {labels.min()}..{labels.max()}")
-    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+    return images, labels.astype(np.int64), _class_names(folder / META, batch.classes)
 
 
-def read_class_names(folder: Path) -> tuple[str, ...]:
-    path = folder / "batches.meta"
-    try:
-        with open(path, "rb") as f:
-            meta = pickle.load(f, encoding="bytes")
-        names = tuple(n.decode() for n in meta[b"label_names"])
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing (run the download stage)") from None
-    except Exception as exc:
-        raise DataError(f"{path}: not a CIFAR-10 meta pickle ({type(exc).__name__}: {exc})") from None
-    if len(names) != 10:
-        raise DataError(f"{path}: expected 10 class names, got {len(names)}")
-    return names
+def _class_names(path: Path, names) -> tuple[str, ...]:
+    if not isinstance(names, list) or len(names) != 10 or not all(isinstance(n, str) for n in names):
+        got = f"{len(names)}: {names[:10]!r}" if isinstance(names, list) else type(names).__name__
+        raise DataError(f"{path}: expected 10 class names (strings), got {got}")
+    return tuple(names)
+
+
+def _read_files(folder: Path, files, md5s: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    parts = [_read_batch(folder, name, md5s) for name in files]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    return torch.from_numpy(images), torch.from_numpy(labels), parts[0][2]
+
+
+def _fixed_order(n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+
+
+@dataclass
+class Cifar10Test:
+    """The test split alone: uint8 images (N, 3, 32, 32), int64 labels, class names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
 
 
 @dataclass
@@ -193,30 +278,27 @@ class Cifar10:
         return tuple(means), tuple(stds)
 
 
-def _read_split(folder: Path, files) -> tuple[torch.Tensor, torch.Tensor]:
-    parts = [read_batch(folder / name) for name in files]
-    images = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts])
-    return torch.from_numpy(images), torch.from_numpy(labels)
+def load_test_split(folder: str | Path, test_limit: int | None = None,
+                    md5s: dict[str, str] | None = None) -> Cifar10Test:
+    """Only the test batch (and the class names) of the verified folder: the same test subset as load_cifar10's."""
+    images, labels, classes = _read_files(Path(folder), TEST_FILES, expected_md5s(md5s))
+    idx = torch.arange(len(images)) if test_limit is None else _fixed_order(len(images))[:test_limit]
+    idx = idx.sort().values  # sorted indices keep a subset in file order (cheaper gathers, same content)
+    return Cifar10Test(images[idx], labels[idx], classes)
 
 
 def load_cifar10(folder: str | Path, train_limit: int | None = None, test_limit: int | None = None,
-                 val_size: int = 0) -> Cifar10:
+                 val_size: int = 0, md5s: dict[str, str] | None = None) -> Cifar10:
     """Load the verified folder. The validation split and the subsets are fixed permutations (SPLIT_SEED)."""
-    folder = Path(folder)
-    classes = read_class_names(folder)
-    train_x, train_y = _read_split(folder, TRAIN_FILES)
-    test_x, test_y = _read_split(folder, TEST_FILES)
+    folder, md5s = Path(folder), expected_md5s(md5s)
+    train_x, train_y, classes = _read_files(folder, TRAIN_FILES, md5s)
     if val_size >= len(train_x):
         raise DataError(f"data.val_size ({val_size}) must be below the {len(train_x)} training images")
-    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    order = _fixed_order(len(train_x))
     val_idx, train_idx = order[:val_size], order[val_size:]
     if train_limit is not None:
         train_idx = train_idx[:train_limit]
-    test_idx = torch.arange(len(test_x))
-    if test_limit is not None:
-        test_idx = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(SPLIT_SEED))[:test_limit]
-    # Sorted indices keep the subsets in file order (cheaper gathers, same content).
-    train_idx, val_idx, test_idx = train_idx.sort().values, val_idx.sort().values, test_idx.sort().values
+    train_idx, val_idx = train_idx.sort().values, val_idx.sort().values
+    test = load_test_split(folder, test_limit, md5s)
     return Cifar10(train_x[train_idx], train_y[train_idx], train_x[val_idx], train_y[val_idx],
-                   test_x[test_idx], test_y[test_idx], classes)
+                   test.images, test.labels, classes)

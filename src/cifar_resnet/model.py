@@ -1,4 +1,4 @@
-"""The network: Page's ResNet-9 variant of the seed recipe.
+"""The network: a ResNet-9 (David Page's cifar10-fast variant).
 
 PrepLayer conv(64)-BN-ReLU; Layer1 X = conv(128)-MaxPool(2)-BN-ReLU, out X + (conv-BN-ReLU-conv-BN-ReLU)(X);
 Layer2 conv(256)-MaxPool(2)-BN-ReLU; Layer3 like Layer1 at 512; MaxPool(4); Linear(512, 10); softmax (inside the
@@ -8,8 +8,15 @@ Run `python -m cifar_resnet.model` for the layer-by-layer summary.
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import asdict
+
 import torch
 from torch import nn
+
+from cifar_resnet.atomic import atomic_path
+from cifar_resnet.config import load_params
+from cifar_resnet.errors import DataError, ParamsError
 
 
 def conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
@@ -93,25 +100,20 @@ def summary(model: nn.Module, input_shape=(1, 3, 32, 32)) -> str:
 
 def save_trained(path, model: ResNet9, model_params, mean, std, classes, extra: dict) -> None:
     """Weights plus what is needed to use them later: the model config, normalisation and class names."""
-    from dataclasses import asdict
-
-    from cifar_resnet.io import atomic_path
-
     state = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
              "model": asdict(model_params), "mean": list(mean), "std": list(std), "classes": list(classes), **extra}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)  # a file object: the records inside are not named after the temporary file
 
 
 def load_trained(path) -> tuple[ResNet9, dict]:
-    """The model (eval mode, on the CPU) and the saved record (mean, std, classes, ...)."""
-    from cifar_resnet.errors import DataError
-
+    """The model (eval mode, on the CPU) and the saved record (mean, std, classes, ...). Only tensors and plain
+    values are unpickled (weights_only): a shared model file cannot run code."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DataError(f"{path}: missing (run the train stage)") from None
-    except Exception as exc:  # truncated or not a torch file
+    except Exception as exc:  # truncated, not a torch file, or holding more than weights
         raise DataError(f"{path}: not a readable model file ({type(exc).__name__}: {exc})") from None
     cfg = state["model"]
     model = ResNet9(tuple(cfg["channels"]), logit_scale=cfg["logit_scale"])
@@ -119,10 +121,24 @@ def load_trained(path) -> tuple[ResNet9, dict]:
     return model.eval(), state
 
 
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m cifar_resnet.model",
+        description="Print the network's layer-by-layer summary (output shapes, parameter counts, total).")
+    parser.add_argument("channels", nargs="*", type=int,
+                        help="the four widths (prep, layer1, layer2, layer3); default: model.channels of params.yaml")
+    args = parser.parse_args(argv)
+    if args.channels and len(args.channels) != 4:
+        parser.error(f"expected 4 channel widths, got {len(args.channels)}")
+    if args.channels:
+        model = ResNet9(tuple(args.channels))
+    else:
+        try:
+            model = build_model(load_params().model)
+        except ParamsError as exc:
+            parser.exit(1, f"error: {exc}\n")
+    print(summary(model))
+
+
 if __name__ == "__main__":
-    import sys
-
-    from cifar_resnet.config import load_params
-
-    channels = load_params().model if len(sys.argv) < 2 else None
-    print(summary(build_model(channels) if channels else ResNet9(tuple(int(c) for c in sys.argv[1:]))))
+    main()

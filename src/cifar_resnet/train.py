@@ -1,40 +1,26 @@
 """The training loop: One Cycle SGD, per-epoch evaluation, checkpoints to resume from, divergence caught.
 
-Runs as one process or as one rank of a torchrun/DistributedDataParallel job (rank 0 alone writes files).
+Runs as one process or as one rank of a torchrun/DistributedDataParallel job (rank 0 alone evaluates and writes).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from cifar_resnet import checkpoint as ckpt
-from cifar_resnet.augment import Loader
-from cifar_resnet.errors import DivergedError
+from cifar_resnet import checkpoint
+from cifar_resnet.distributed import Dist
+from cifar_resnet.entry import quiet
+from cifar_resnet.errors import ParamsError
+from cifar_resnet.evaluate import evaluate
+from cifar_resnet.loader import EvalLoader, TrainLoader
 from cifar_resnet.model import build_model
 from cifar_resnet.runtime import Runtime
 from cifar_resnet.schedule import OneCycle
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> "Dist":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
+from cifar_resnet.step import DivergenceWatch, make_optimizer, make_scaler, train_step
 
 
 @dataclass
@@ -46,57 +32,19 @@ class TrainResult:
     resumed_from: int | None = None
 
 
-def make_optimizer(model, tp) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), lr=0.0, momentum=tp.momentum, nesterov=tp.nesterov,
-                           weight_decay=tp.weight_decay)
+@dataclass
+class _Run:
+    """Everything one epoch needs."""
 
-
-@torch.no_grad()
-def evaluate_loader(model, loader: Loader, runtime: Runtime) -> tuple[float, float, torch.Tensor]:
-    """(mean loss, accuracy, softmax probabilities) over every image of an unaugmented loader."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
-    probs = []
-    for x, y in loader.epoch(0):
-        with runtime.autocast():
-            logits = model(x)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        probs.append(torch.softmax(logits, dim=1))
-    model.train(was_training)
-    probs = torch.cat(probs)
-    correct = (probs.argmax(1) == loader.labels).sum()
-    n = len(loader.labels)
-    return (loss_sum / n).item(), (correct.double() / n).item(), probs
-
-
-class DivergenceWatch:
-    """Remembers the first step whose loss is not finite or above `max_loss`, without a host sync per step (it is
-    read every `every` steps). A batch-normalised network can blow up without ever producing a NaN: its loss then
-    climbs by orders of magnitude, which the ceiling catches."""
-
-    def __init__(self, device, every: int, max_loss: float = float("inf")):
-        self.every, self.max_loss = every, max_loss
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
-
-    def update(self, loss: torch.Tensor, step: int) -> None:
-        value = loss.detach()
-        bad = (~torch.isfinite(value) | (value > self.max_loss)) & (self.first_bad < 0)
-        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
-        self.bad_loss = torch.where(bad, loss.detach().float(), self.bad_loss)
-
-    def check(self, schedule: OneCycle, steps_per_epoch: int, dist: Dist) -> None:
-        first = self.first_bad.clone()
-        if dist.world_size > 1:  # every rank stops together, at the earliest bad step of any
-            first = torch.where(first < 0, torch.full_like(first, 2**62), first)
-            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
-            first = torch.where(first == 2**62, torch.full_like(first, -1), first)
-        step = int(first.item())
-        if step >= 0:
-            raise DivergedError(epoch=step // steps_per_epoch + 1, step=step % steps_per_epoch + 1,
-                                steps_per_epoch=steps_per_epoch, lr=schedule(step), loss=float(self.bad_loss.item()))
+    model: torch.nn.Module  # the bare model: evaluated and saved
+    net: torch.nn.Module  # what trains: the model, maybe wrapped in DDP and compiled
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: TrainLoader
+    schedule: OneCycle
+    watch: DivergenceWatch
+    runtime: Runtime
+    dist: Dist
 
 
 def train(params, data, mean, std, lr_max: float, lr_min: float, runtime: Runtime, dist: Dist = Dist(),
@@ -105,41 +53,75 @@ def train(params, data, mean, std, lr_max: float, lr_min: float, runtime: Runtim
     tp = params.train
     torch.manual_seed(params.seed)  # weight initialisation
     model = build_model(params.model).to(runtime.device, memory_format=runtime.memory_format)
-    optimizer = make_optimizer(model, tp)
-    scaler = torch.amp.GradScaler("cuda", enabled=runtime.precision == "fp16")
-
-    train_loader = Loader(data.train_images, data.train_labels, tp.batch_size, mean, std, runtime.device,
-                          aug=params.augment, seed=params.seed, rank=dist.rank, world_size=dist.world_size,
-                          memory_format=runtime.memory_format)
-    if len(train_loader) == 0:
-        from cifar_resnet.errors import ParamsError
-
+    loader = TrainLoader(data.train_images, data.train_labels, tp.batch_size, mean, std, runtime.device,
+                         aug=params.augment, seed=params.seed, rank=dist.rank, world_size=dist.world_size,
+                         memory_format=runtime.memory_format)
+    if len(loader) == 0:
         raise ParamsError(f"train.batch_size: {tp.batch_size} is more than the {len(data.train_images)} "
                           "training images; lower it or raise data.train_limit")
-    eval_loaders = {}
-    if dist.is_main:
-        for split in ("val", "test"):
-            images = getattr(data, f"{split}_images")
-            if len(images):
-                eval_loaders[split] = Loader(images, getattr(data, f"{split}_labels"), params.evaluate.batch_size,
-                                             mean, std, runtime.device, memory_format=runtime.memory_format)
-    steps = len(train_loader)
-    schedule = OneCycle.for_run(lr_min, lr_max, tp.epochs, tp.peak_epoch, steps)
-
+    schedule = OneCycle.for_run(lr_min, lr_max, tp.epochs, tp.peak_epoch, len(loader))
+    watch = DivergenceWatch(runtime.device, max_loss=tp.max_loss, lr_of=schedule, steps_per_epoch=len(loader),
+                            world_size=dist.world_size)
+    run = _Run(model, model, make_optimizer(model, tp), make_scaler(runtime), loader, schedule, watch, runtime, dist)
     result = TrainResult(model)
-    start_epoch = 1
-    if run_key is not None:
-        state = ckpt.load(run_key, log=log if dist.is_main else (lambda *_: None))
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            result.history, result.epoch_seconds = state["history"], state["epoch_seconds"]
-            start_epoch = state["epoch"] + 1
-            result.resumed_from = start_epoch
-            if dist.is_main:
-                log(f"Resuming from epoch {start_epoch}")
+    start_epoch = _resume(run, result, run_key, log) if run_key is not None else 1
+    run.net = _parallel(model, tp, runtime, dist)
+    eval_loaders = _eval_loaders(params, data, mean, std, runtime) if dist.is_main else {}
+    for epoch in range(start_epoch, tp.epochs + 1):
+        t0 = time.perf_counter()
+        row, seen = _train_epoch(run, epoch, tp.epochs)
+        for split, eval_loader in eval_loaders.items():
+            loss, acc, _ = evaluate(model, eval_loader, runtime)
+            row[f"{split}_loss"], row[f"{split}_acc"] = round(loss, 6), round(acc, 6)
+        seconds = time.perf_counter() - t0
+        result.history.append(row)
+        result.epoch_seconds.append(round(seconds, 2))
+        if dist.is_main:
+            if run_key is not None:  # saved before the epoch is reported: a reported epoch is never lost
+                checkpoint.save(run_key, _state(run, epoch, result))
+            log(_epoch_line(row, tp.epochs, seconds, seen * dist.world_size / seconds))
+        if dist.world_size > 1:
+            torch.distributed.barrier()
+    if result.epoch_seconds:
+        trained = len(loader) * tp.batch_size * len(result.epoch_seconds)
+        result.images_per_second = round(trained / sum(result.epoch_seconds), 1)
+    return result
 
+
+def _eval_loaders(params, data, mean, std, runtime) -> dict[str, EvalLoader]:
+    """One loader per held-out split that has images: validation, test."""
+    loaders = {}
+    for split in ("val", "test"):
+        images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
+        if len(images):
+            loaders[split] = EvalLoader(images, labels, params.evaluate.batch_size, mean, std, runtime.device,
+                                        memory_format=runtime.memory_format)
+    return loaders
+
+
+def _resume(run: _Run, result: TrainResult, run_key: str, log) -> int:
+    """Load the checkpoint of `run_key` if there is one; return the first epoch still to train."""
+    state = checkpoint.load(run_key, log=log if run.dist.is_main else quiet)
+    if state is None:
+        return 1
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    result.history, result.epoch_seconds = state["history"], state["epoch_seconds"]
+    result.resumed_from = state["epoch"] + 1
+    if run.dist.is_main:
+        log(f"Resuming from epoch {result.resumed_from}")
+    return result.resumed_from
+
+
+def _state(run: _Run, epoch: int, result: TrainResult) -> dict:
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), "epoch": epoch, "history": result.history,
+            "epoch_seconds": result.epoch_seconds}
+
+
+def _parallel(model, tp, runtime: Runtime, dist: Dist):
+    """The model as it trains: DDP across processes (SyncBatchNorm if asked), compiled if asked."""
     net = model
     if dist.world_size > 1:
         if tp.sync_bn:
@@ -148,66 +130,37 @@ def train(params, data, mean, std, lr_max: float, lr_min: float, runtime: Runtim
             net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     if tp.compile:
         net = torch.compile(net)
+    return net
 
-    on_cpu = runtime.device.type == "cpu"
-    watch = DivergenceWatch(runtime.device, every=1 if on_cpu else 20, max_loss=tp.max_loss)
-    progress = _progress_factory()
-    for epoch in range(start_epoch, tp.epochs + 1):
-        t0 = time.perf_counter()
-        net.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
-        correct = torch.zeros((), dtype=torch.long, device=runtime.device)
-        seen = 0
-        bar = progress(total=steps, desc=f"epoch {epoch}/{tp.epochs}", disable=not dist.is_main)
-        for i, (x, y) in enumerate(train_loader.epoch(epoch)):
-            step = (epoch - 1) * steps + i
-            lr = schedule(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with runtime.autocast():
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), y)
-            watch.update(loss, step)
-            if (i + 1) % watch.every == 0:
-                watch.check(schedule, steps, dist)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach().double() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
-            if bar.disable is False and (on_cpu or i % 10 == 0):
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}", refresh=False)
-            bar.update(1)
-        bar.close()
-        watch.check(schedule, steps, dist)
 
-        totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64,
-                                                                          device=runtime.device)])
-        if dist.world_size > 1:
-            torch.distributed.all_reduce(totals)
-        row = {"epoch": epoch, "lr": schedule(epoch * steps - 1),
-               "train_loss": round((totals[0] / totals[2]).item(), 6),
-               "train_acc": round((totals[1] / totals[2]).item(), 6)}
-        for split, loader in eval_loaders.items():
-            loss_value, acc, _ = evaluate_loader(model, loader, runtime)
-            row[f"{split}_loss"], row[f"{split}_acc"] = round(loss_value, 6), round(acc, 6)
-        seconds = time.perf_counter() - t0
-        result.history.append(row)
-        result.epoch_seconds.append(round(seconds, 2))
-        if dist.is_main:
-            if run_key is not None:  # saved before the epoch is reported: a reported epoch is never lost
-                ckpt.save(run_key, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scaler": scaler.state_dict(), "epoch": epoch, "history": result.history,
-                                    "epoch_seconds": result.epoch_seconds})
-            log(_epoch_line(row, tp.epochs, seconds, seen * dist.world_size / seconds))
-        if dist.world_size > 1:
-            torch.distributed.barrier()
-    if result.epoch_seconds:
-        n_train = steps * tp.batch_size
-        result.images_per_second = round(n_train * len(result.epoch_seconds) / sum(result.epoch_seconds), 1)
-    return result
+def _train_epoch(run: _Run, epoch: int, epochs: int) -> tuple[dict, int]:
+    """Train one epoch; return its history row (LR at its end, mean training loss and accuracy) and the images
+    this process saw."""
+    device, steps = run.runtime.device, len(run.loader)
+    run.net.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    bar = _progress(total=steps, desc=f"epoch {epoch}/{epochs}", disable=not run.dist.is_main)
+    for i, (x, y) in enumerate(run.loader.epoch(epoch)):
+        step = (epoch - 1) * steps + i
+        loss, logits = train_step(run.net, run.optimizer, run.scaler, run.runtime, x, y, run.schedule(step),
+                                  run.watch, step)
+        loss_sum += loss.double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if not bar.disable and (device.type == "cpu" or i % 10 == 0):
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{run.schedule(step):.4f}", refresh=False)
+        bar.update(1)
+    bar.close()
+    run.watch.check()
+    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
+    if run.dist.world_size > 1:
+        torch.distributed.all_reduce(totals)
+    row = {"epoch": epoch, "lr": run.schedule(epoch * steps - 1),
+           "train_loss": round((totals[0] / totals[2]).item(), 6),
+           "train_acc": round((totals[1] / totals[2]).item(), 6)}
+    return row, seen
 
 
 def _epoch_line(row: dict, epochs: int, seconds: float, img_per_s: float) -> str:
@@ -220,21 +173,9 @@ def _epoch_line(row: dict, epochs: int, seconds: float, img_per_s: float) -> str
     return " | ".join(parts)
 
 
-def _progress_factory():
-    """tqdm bars on a terminal; nothing otherwise (the per-epoch log line is the record under nohup)."""
+def _progress(**kwargs):
+    """A tqdm bar on a terminal; nothing otherwise (the per-epoch log line is the record under nohup)."""
     from tqdm import tqdm
 
-    interactive = sys.stderr.isatty()
-
-    def make(**kwargs):
-        disable = kwargs.pop("disable", False) or not interactive
-        return tqdm(leave=False, disable=disable, **kwargs)
-
-    return make
-
-
-def checkpoint_config(params, lr_max: float, lr_min: float, world_size: int) -> dict:
-    """What a checkpoint must agree on to be resumed: the params train reads, the resolved LRs, the process count."""
-    return {"seed": params.seed, "lr_max": lr_max, "lr_min": lr_min, "data": asdict(params.data),
-            "model": asdict(params.model), "augment": asdict(params.augment), "train": asdict(params.train),
-            "evaluate": asdict(params.evaluate), "world_size": world_size}
+    disable = kwargs.pop("disable", False) or not sys.stderr.isatty()
+    return tqdm(leave=False, disable=disable, **kwargs)

@@ -18,11 +18,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
-from cifar_resnet.augment import Loader
 from cifar_resnet.errors import CifarResnetError
+from cifar_resnet.loader import TrainLoader
 from cifar_resnet.model import build_model
+from cifar_resnet.step import make_optimizer, make_scaler, train_step
 
 RULE = "lr_max = lr_at_min_smoothed_loss / divisor; lr_min = lr_max * lr_min_factor"
 
@@ -51,56 +52,45 @@ def pick_lr_max(lrs: list[float], smoothed: list[float], divisor: float, stopped
 
 
 def run_range_test(params, data, mean, std, runtime, log=print, progress: bool = True) -> dict:
-    rp, tp = params.lr_range_test, params.train
+    """Train a fresh model with an exponentially growing LR; pick LRMAX from the smoothed loss curve."""
+    test, train_params = params.lr_range_test, params.train
     torch.manual_seed(params.seed)
-    model = build_model(params.model).to(runtime.device, memory_format=runtime.memory_format)
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=rp.start_lr, momentum=tp.momentum, nesterov=tp.nesterov,
-                                weight_decay=tp.weight_decay)
-    loader = Loader(data.train_images, data.train_labels, tp.batch_size, mean, std, runtime.device,
-                    aug=params.augment, seed=params.seed, memory_format=runtime.memory_format)
+    model = build_model(params.model).to(runtime.device, memory_format=runtime.memory_format).train()
+    optimizer, scaler = make_optimizer(model, train_params), make_scaler(runtime)
+    loader = TrainLoader(data.train_images, data.train_labels, train_params.batch_size, mean, std, runtime.device,
+                         aug=params.augment, seed=params.seed, memory_format=runtime.memory_format)
     if len(loader) == 0:
-        raise RangeTestError(f"lr_range_test: train.batch_size {tp.batch_size} exceeds the "
+        raise RangeTestError(f"lr_range_test: train.batch_size {train_params.batch_size} exceeds the "
                              f"{len(data.train_images)} training images")
-
-    from tqdm import tqdm
-
     lrs, losses, smoothed = [], [], []
     avg, best, stopped_early, i, epoch = 0.0, math.inf, False, 0, 0
-    bar = tqdm(total=rp.num_iter, desc="lr range test", leave=False, disable=not progress)
-    while i < rp.num_iter and not stopped_early:
+    bar = tqdm(total=test.num_iter, desc="lr range test", leave=False, disable=not progress)
+    while i < test.num_iter and not stopped_early:
         epoch += 1
         for x, y in loader.epoch(epoch):
-            if i >= rp.num_iter:
+            if i >= test.num_iter:
                 break
-            lr = lr_at(i, rp.start_lr, rp.end_lr, rp.num_iter)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with runtime.autocast():
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            value = loss.item()
+            lr = lr_at(i, test.start_lr, test.end_lr, test.num_iter)
+            loss, _ = train_step(model, optimizer, scaler, runtime, x, y, lr)
+            value = loss.item()  # the curve is read on the host anyway: one sync per step is the test's nature
             if not math.isfinite(value):
                 stopped_early = True
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            avg = rp.smoothing * avg + (1 - rp.smoothing) * value
-            debiased = avg / (1 - rp.smoothing ** (i + 1))
+            avg = test.smoothing * avg + (1 - test.smoothing) * value
+            debiased = avg / (1 - test.smoothing ** (i + 1))
             lrs.append(lr), losses.append(value), smoothed.append(debiased)
             best = min(best, debiased)
             i += 1
             bar.update(1)
             bar.set_postfix(lr=f"{lr:.3g}", loss=f"{debiased:.3f}", refresh=False)
-            if debiased > rp.divergence * best:
+            if debiased > test.divergence * best:
                 stopped_early = True
                 break
     bar.close()
     if len(smoothed) < 10:
         raise RangeTestError(f"lr_range_test: diverged after {len(smoothed)} iterations, before any minimum: "
                              "lower lr_range_test.start_lr")
-    lr_max, best_index = pick_lr_max(lrs, smoothed, rp.divisor, stopped_early)
+    lr_max, best_index = pick_lr_max(lrs, smoothed, test.divisor, stopped_early)
     log(f"lr range test: {len(lrs)} iterations, smoothed loss lowest at LR {lrs[best_index]:.4g}, "
         f"LRMAX = {lr_max:.4g}{' (stopped on divergence)' if stopped_early else ''}")
     return {
@@ -108,7 +98,7 @@ def run_range_test(params, data, mean, std, runtime, log=print, progress: bool =
         "lr_min": round(lr_max * params.lr_min_factor, 8),
         "lr_at_min_loss": round(lrs[best_index], 6),
         "min_smoothed_loss": round(smoothed[best_index], 6),
-        "rule": RULE.replace("divisor", f"{rp.divisor:g}").replace("lr_min_factor", f"{params.lr_min_factor:g}"),
+        "rule": RULE.replace("divisor", f"{test.divisor:g}").replace("lr_min_factor", f"{params.lr_min_factor:g}"),
         "iterations": len(lrs),
         "stopped_on_divergence": stopped_early,
         "curve": [{"iteration": k + 1, "lr": round(lrs[k], 8), "loss": round(losses[k], 6),

@@ -8,7 +8,7 @@ import torch
 
 from cifar_resnet.config import parse_params
 from cifar_resnet.data import Cifar10
-from cifar_resnet.lr_range import RULE, RangeTestError, lr_at, pick_lr_max, run_range_test
+from cifar_resnet.lr_range_test import RULE, RangeTestError, lr_at, pick_lr_max, run_range_test
 from cifar_resnet.runtime import pick_runtime
 
 N = 100

@@ -7,17 +7,54 @@ kernel to kill it when its parent dies (PR_SET_PDEATHSIG), and the launcher forw
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
+
+import torch
 
 PR_SET_PDEATHSIG = 1
 
 
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job; a single process is rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+@contextlib.contextmanager
+def process_group(dist: Dist, device: str):
+    """The torch.distributed group of a multi-process job (NCCL for CUDA, else gloo); nothing for one process."""
+    if dist.world_size == 1:
+        yield
+        return
+    die_with_parent()
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -29,10 +66,11 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
             pass
 
 
-def relaunch_under_torchrun(nproc: int, script: str, extra_args: list[str] | None = None) -> int:
-    """Run `script` under torchrun with `nproc` processes on this node; return its exit code."""
+def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run the script command line `argv` (script, then its arguments) under torchrun with `nproc` processes on
+    this node; return its exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "--redirects=0", script, *(extra_args or [])]
+           "--redirects=0", *argv]
     proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)
 
     def forward(signum, _frame):

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cifar_resnet.io import atomic_path  # noqa: E402
+from cifar_resnet.atomic import atomic_path  # noqa: E402
 
 _META = {"Software": None}  # no version stamp: the same run draws the same bytes
 

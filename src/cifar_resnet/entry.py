@@ -1,0 +1,38 @@
+"""The stage scripts' common door: `--help`, user errors as one line without a traceback, interrupts."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from cifar_resnet.errors import CifarResnetError
+
+
+def _raise_interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_stage(main, description: str) -> None:
+    """Run a stage's `main()`: `--help` prints `description` and exits 0 without running anything."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Every knob is read from params.yaml; run the stage through `dvc repro`.")
+    parser.parse_args()
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a polite kill unwinds like Ctrl-C: temp files are removed
+    try:
+        main()
+    except CifarResnetError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: no final outputs were written; run the stage again to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def log(message: str) -> None:
+    """A progress line on stdout (DVC shows it; under nohup it is the run's record)."""
+    print(message, flush=True)
+
+
+def quiet(_message: str) -> None:
+    """The logger of a process that is not rank 0: one process speaks for the job."""

@@ -1,0 +1,75 @@
+"""The one training step and the optimizer: used by the training loop, the LR range test and `make bench`.
+
+A step sets the LR, runs the forward pass under the runtime's autocast, takes the cross-entropy of the float32
+logits, and applies SGD through a gradient scaler (active only in fp16, where small gradients would underflow;
+a no-op otherwise). A `DivergenceWatch` may ride along: it notes a bad loss on the device and reads it every few steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cifar_resnet.errors import DivergedError
+
+
+def make_optimizer(model: torch.nn.Module, train_params) -> torch.optim.SGD:
+    """SGD with the recipe's momentum and weight decay; the LR is set by every step."""
+    return torch.optim.SGD(model.parameters(), lr=0.0, momentum=train_params.momentum,
+                           nesterov=train_params.nesterov, weight_decay=train_params.weight_decay)
+
+
+def make_scaler(runtime) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cuda", enabled=runtime.precision == "fp16")
+
+
+def train_step(net, optimizer, scaler, runtime, x, y, lr: float, watch=None, step: int = 0):
+    """One SGD step on the batch (x, y) at learning rate `lr`; returns the (loss, logits), detached."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with runtime.autocast():
+        logits = net(x)
+    loss = F.cross_entropy(logits.float(), y)
+    if watch is not None:
+        watch.update(loss, step)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), logits.detach()
+
+
+class DivergenceWatch:
+    """Remembers the first step whose loss is not finite or above `max_loss` on the device, and raises
+    DivergedError when read: every few steps (a host sync), and at the end of each epoch. A batch-normalised
+    network can blow up without ever producing a NaN: its loss then climbs by orders of magnitude, which the ceiling
+    catches. `lr_of(step)` and `steps_per_epoch` name the bad step in the message."""
+
+    def __init__(self, device: torch.device, max_loss: float, lr_of, steps_per_epoch: int, world_size: int = 1):
+        # On the CPU a read costs nothing; on an accelerator each one stalls its queue, so read every 20 steps.
+        self.every = 1 if device.type == "cpu" else 20
+        self.max_loss, self.lr_of = max_loss, lr_of
+        self.steps_per_epoch, self.world_size = steps_per_epoch, world_size
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        value = loss.detach()
+        bad = (~torch.isfinite(value) | (value > self.max_loss)) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+        self.bad_loss = torch.where(bad, value.float(), self.bad_loss)
+        if (step + 1) % self.every == 0:
+            self.check()
+
+    def check(self) -> None:
+        """Raise DivergedError naming the first bad step (the earliest of any rank's under DDP)."""
+        first = self.first_bad.clone()
+        if self.world_size > 1:  # every rank stops together
+            first = torch.where(first < 0, torch.full_like(first, 2**62), first)
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+            first = torch.where(first == 2**62, torch.full_like(first, -1), first)
+        step = int(first.item())
+        if step >= 0:
+            raise DivergedError(epoch=step // self.steps_per_epoch + 1, step=step % self.steps_per_epoch + 1,
+                                steps_per_epoch=self.steps_per_epoch, lr=self.lr_of(step),
+                                loss=float(self.bad_loss.item()))

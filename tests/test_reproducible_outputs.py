@@ -1,0 +1,53 @@
+"""Same params, same code, same data: every output of every stage is the same bytes, the weights included.
+
+Names, times and paths must not leak into an output (a temporary file's name inside a zip, a timestamp in a
+member's header), or DVC sees a new file where nothing changed and reruns what depends on it. The one exception is
+timing/train.json, whose job is to record how long the run took: only its measured fields may differ.
+"""
+
+import json
+
+import pytest
+
+from conftest import make_workspace, run_stage, stage_env
+
+STAGES = ["check_params", "lr_range_test", "train", "evaluate", "gallery"]
+MEASURED = {"seconds_total", "seconds_training", "seconds_per_epoch", "images_per_second"}
+
+
+def _outputs(ws):
+    return {str(p.relative_to(ws)): p.read_bytes() for folder in ("data", "metrics", "plots", "models", "timing")
+            for p in sorted((ws / folder).rglob("*")) if p.is_file() and "cifar-10-batches-py" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    runs = []
+    for name in ("first", "second"):
+        root = tmp_path_factory.mktemp(name)
+        ws = make_workspace(root / "ws", train={"epochs": 2}, lr_range_test={"num_iter": 20, "end_lr": 100.0})
+        for stage in STAGES:
+            result = run_stage(stage, ws, stage_env(root / "cache"))
+            assert result.returncode == 0, f"{stage}: {result.stderr}"
+        runs.append(_outputs(ws))
+    return runs
+
+
+def test_every_output_is_written(two_runs):
+    first, _ = two_runs
+    assert {"data/params_checked.txt", "models/model.pt", "models/predictions.npz", "models/summary.txt",
+            "metrics/train.json", "metrics/evaluate.json", "plots/history.tsv", "plots/gallery.png",
+            "timing/train.json"} <= set(first)
+
+
+def test_two_identical_runs_give_the_same_bytes(two_runs):
+    first, second = two_runs
+    assert set(first) == set(second)
+    differ = [path for path in first if path != "timing/train.json" and first[path] != second[path]]
+    assert differ == []
+
+
+def test_timing_differs_only_in_what_it_measures(two_runs):
+    first, second = (json.loads(run["timing/train.json"]) for run in two_runs)
+    assert {k: v for k, v in first.items() if k not in MEASURED} == {k: v for k, v in second.items()
+                                                                      if k not in MEASURED}
