@@ -7,7 +7,7 @@ export PYTHONPATH := $(abspath src)
 export DVC_NO_ANALYTICS := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: repro test bench install plots clean-checkpoints
+.PHONY: repro test bench install plots clean-checkpoints study
 
 # The package is installed editable (no dependencies: requirements.txt pins them), so `python -m cifar_resnet.model`
 # works in the activated .venv; stage commands still put their own tree's src/ first (PYTHONPATH=src).
@@ -41,3 +41,10 @@ plots: install
 
 clean-checkpoints:
 	rm -rf "$${CIFAR_RESNET_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/cifar_resnet}/checkpoints"
+# `make study NAME=default SEEDS=0-4 [SET="key=value ..."] [DEVICE=cuda]`: one configuration run for many seeds
+# through DVC, summarised in studies/NAME/ (see `python -m cifar_resnet.study --help`). Re-running skips done seeds.
+SEEDS ?= 0-4
+study: $(VENV)/.installed
+	$(if $(NAME),,$(error NAME is required: make study NAME=default SEEDS=0-4))
+	python -m cifar_resnet.study '$(NAME)' --seeds '$(SEEDS)' $(foreach s,$(SET),--set '$(s)') \
+		$(if $(DEVICE),--device '$(DEVICE)')
