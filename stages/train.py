@@ -24,7 +24,7 @@ from cifar_resnet.errors import CifarResnetError, DivergedError  # noqa: E402
 from cifar_resnet.model import save_trained, summary  # noqa: E402
 from cifar_resnet.paths import (DATA_DIR, LR_RANGE_JSON, MODEL, MODEL_SUMMARY, TRAIN_HISTORY,  # noqa: E402
                                 TRAIN_JSON, TRAIN_TIMING)
-from cifar_resnet.runtime import cpu_model, pick_runtime  # noqa: E402
+from cifar_resnet.runtime import accelerator_names, cpu_model, pick_runtime  # noqa: E402
 from cifar_resnet.train import train  # noqa: E402
 
 
@@ -75,7 +75,8 @@ def write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min
     timing = {"seconds_total": round(time.perf_counter() - started, 1),
               "seconds_training": round(sum(result.epoch_seconds), 1), "seconds_per_epoch": result.epoch_seconds,
               "images_per_second": result.images_per_second, "device": runtime.device.type,
-              "cpu": cpu_model(), "precision": runtime.precision, "channels_last": runtime.channels_last,
+              "cpu": cpu_model(), "gpu": accelerator_names(runtime.device), "precision": runtime.precision,
+              "channels_last": runtime.channels_last,
               "threads": runtime.threads, "processes": dist.world_size, "resumed_from_epoch": result.resumed_from,
               "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     save_trained(MODEL, result.model, params.model, mean, std, data.classes,

@@ -185,6 +185,9 @@ BAD_VALUES = [
     ("train.device", "cuda:0"),
     ("train.precision", "fp8"),
     ("train.precision", 32),
+    ("train.eval_split", "train"),
+    ("train.eval_every", 0),
+    ("train.checkpoint_every", 0),
     # lr_max: 'auto' or a number > 0
     ("lr_max", "x"),
     ("lr_max", "Auto"),
@@ -469,3 +472,9 @@ def test_download_stage_rejects_bad_params_in_one_line(tmp_path, params_text, ke
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
     assert result.stderr.startswith(f"error: {key}: ")
     assert not (tmp_path / "data").exists()  # refused before any data work
+
+
+def test_eval_split_val_needs_a_validation_split():
+    with pytest.raises(ParamsError, match="train.eval_split: 'val' needs a validation split"):
+        parse_params({"train": {"eval_split": "val"}})
+    assert parse_params({"train": {"eval_split": "val"}, "data": {"val_size": 10}}).train.eval_split == "val"

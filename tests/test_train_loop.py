@@ -51,3 +51,47 @@ def test_healthy_losses_pass():
 def test_the_watch_reads_every_step_on_the_cpu_and_every_20_elsewhere():
     assert DivergenceWatch(torch.device("cpu"), 1000.0, lambda s: 0.1, 4).every == 1
     assert DivergenceWatch(torch.device("meta"), 1000.0, lambda s: 0.1, 4).every == 20
+
+
+# ------------------------------------------------------------------------------- evaluation and checkpoint knobs
+
+
+def _run(tmp_path, monkeypatch, **train):
+    import cifar_resnet.checkpoint as checkpoint
+    from cifar_resnet.config import parse_params
+    from cifar_resnet.runtime import pick_runtime
+    from cifar_resnet.train import train as train_loop
+    from conftest import tiny_params
+    from test_device_portability import tiny_data
+
+    monkeypatch.setenv("CIFAR_RESNET_CACHE", str(tmp_path))
+    saved = []
+    monkeypatch.setattr(checkpoint, "save", lambda key, state: saved.append(state["epoch"]))
+    params = parse_params(tiny_params(data={"val_size": 0}, train={"epochs": 4, "batch_size": 64, "device": "cpu",
+                                                                   "threads": 1, **train}))
+    data = tiny_data()
+    mean, std = data.mean_std()
+    result = train_loop(params, data, mean, std, 0.05, 0.0005, pick_runtime(params.train), run_key="k",
+                        log=lambda *_: None)
+    return result.history, saved
+
+
+def test_per_epoch_evaluation_follows_its_knobs(tmp_path, monkeypatch):
+    history, _ = _run(tmp_path, monkeypatch)
+    assert all("test_acc" in row for row in history)  # the default: every epoch, every held-out split
+    history, _ = _run(tmp_path, monkeypatch, eval_split="none")
+    assert not any("test_acc" in row or "val_acc" in row for row in history)
+    history, _ = _run(tmp_path, monkeypatch, eval_every=3)
+    assert ["test_acc" in row for row in history] == [False, False, True, True]  # every 3rd, and the last
+
+
+def test_checkpoints_follow_their_interval(tmp_path, monkeypatch):
+    assert _run(tmp_path, monkeypatch)[1] == [1, 2, 3]  # the last epoch's outputs are the run's own record
+    assert _run(tmp_path, monkeypatch, checkpoint_every=2)[1] == [2]
+
+
+def test_history_with_blank_cells_is_a_rectangular_table(tmp_path):
+    from cifar_resnet.atomic import write_tsv
+
+    write_tsv(tmp_path / "h.tsv", [{"epoch": 1, "lr": 0.5}, {"epoch": 2, "lr": 0.25, "test_acc": 0.5}])
+    assert (tmp_path / "h.tsv").read_text() == "epoch\tlr\ttest_acc\n1\t0.5\t\n2\t0.25\t0.5\n"

@@ -41,9 +41,9 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def write_tsv(path: str | Path, rows: list[dict]) -> None:
-    """Rows of equal keys as a tab-separated table (DVC plots read it)."""
-    columns = list(rows[0]) if rows else []
-    lines = ["\t".join(columns)] + ["\t".join(_cell(r[c]) for c in columns) for r in rows]
+    """Rows as a tab-separated table (DVC plots read it); a key missing from a row is an empty cell."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["\t".join(columns)] + ["\t".join(_cell(r.get(c, "")) for c in columns) for r in rows]
     write_text(path, "\n".join(lines) + "\n")
 
 

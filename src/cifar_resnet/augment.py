@@ -36,9 +36,9 @@ def albumentations_pipeline(aug, mean, std, seed: int | None = None):
     return A.Compose(transforms, seed=seed)
 
 
-def _pad_index(pad: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_index(pad: int, mode: str, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Source row (or column) of every row of the padded 32 + 2*pad image, and whether it is real (not fill)."""
-    pos = torch.arange(-pad, 32 + pad)
+    pos = torch.arange(-pad, 32 + pad, device=device)
     if mode == "reflect":  # like cv2.BORDER_REFLECT_101 and torch's 'reflect': no edge repeat
         src = pos.abs()
         src = torch.where(src > 31, 62 - src, src)
@@ -54,10 +54,8 @@ class BatchAugment:
     def __init__(self, aug, mean, std, device):
         self.aug = aug
         self.device = device
-        src, valid = _pad_index(aug.pad, aug.pad_mode)
-        self.src, self.valid = src.to(device), valid.to(device)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.src, self.valid = _pad_index(aug.pad, aug.pad_mode, device)
+        self.mean, self.std = channel_stats(mean, device), channel_stats(std, device)
         self.window = torch.arange(aug.crop, device=device)
 
     def draw(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -65,12 +63,13 @@ class BatchAugment:
         a = self.aug
         span = 32 + 2 * a.pad - a.crop + 1
         hole_span = a.crop - a.cutout + 1
+        host = {"generator": generator, "device": "cpu"}  # drawn on the host: the same numbers on every device
         params = {
-            "dy": torch.randint(span, (n,), generator=generator),
-            "dx": torch.randint(span, (n,), generator=generator),
-            "flip": torch.rand(n, generator=generator) < a.flip_p,
-            "hy": torch.randint(hole_span, (n,), generator=generator),
-            "hx": torch.randint(hole_span, (n,), generator=generator),
+            "dy": torch.randint(span, (n,), **host),
+            "dx": torch.randint(span, (n,), **host),
+            "flip": torch.rand(n, **host) < a.flip_p,
+            "hy": torch.randint(hole_span, (n,), **host),
+            "hx": torch.randint(hole_span, (n,), **host),
         }
         return {k: v.to(self.device) for k, v in params.items()}
 
@@ -90,7 +89,11 @@ class BatchAugment:
         return out * keep[:, None]
 
 
+def channel_stats(values, device) -> torch.Tensor:
+    """Per-channel mean or std (0-255 scale) as a float32 (1, 3, 1, 1) tensor on `device`."""
+    return torch.as_tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+
 def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    return (images.float() - m) / s
+    """uint8 images -> float32, standardised per channel (mean and std: sequences, or `channel_stats` tensors)."""
+    return (images.float() - channel_stats(mean, images.device)) / channel_stats(std, images.device)

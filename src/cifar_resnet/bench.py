@@ -39,10 +39,8 @@ def _timed(step, steps: int, batch: int, sync) -> float:
 
 
 def _setup(precision_override: str | None = None):
-    import torch
-
     from cifar_resnet.config import load_params
-    from cifar_resnet.runtime import pick_runtime
+    from cifar_resnet.runtime import pick_runtime, synchronize
 
     params = load_params()
     tp = params.train
@@ -51,8 +49,7 @@ def _setup(precision_override: str | None = None):
 
         tp = replace(tp, precision=precision_override, channels_last=False)
     runtime = pick_runtime(tp)
-    sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
-    return params, runtime, sync
+    return params, runtime, lambda: synchronize(runtime.device)
 
 
 def _pipeline_step(steps: int):
@@ -101,7 +98,9 @@ def profile_step(steps: int) -> str:
         for _ in range(steps):
             step()
         sync()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    # On an accelerator the device time is what counts; the host's is mostly launching kernels.
+    sort_by = "self_cpu_time_total" if runtime.device.type == "cpu" else "self_device_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=20)
 
 
 def measure_floor(steps: int) -> dict:

@@ -73,6 +73,9 @@ class TrainParams:
     sync_bn: bool = False
     threads: int = field(default=0, metadata=_check("non_negative"))
     max_loss: float = field(default=1000.0, metadata=_check("positive"))
+    eval_split: str = field(default="auto", metadata=_check("one_of:auto,none,val,test"))
+    eval_every: int = field(default=1, metadata=_check("positive"))
+    checkpoint_every: int = field(default=1, metadata=_check("positive"))
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,8 @@ def _cross_checks(p: Params) -> None:
         raise ParamsError(f"lr_range_test.end_lr: expected more than start_lr ({r.start_lr}), got {r.end_lr}")
     if r.num_iter < 10:
         raise ParamsError(f"lr_range_test.num_iter: expected at least 10, got {r.num_iter}")
+    if t.eval_split == "val" and p.data.val_size == 0:
+        raise ParamsError("train.eval_split: 'val' needs a validation split; set data.val_size above 0")
     if t.sync_bn and t.device == "cpu":
         raise ParamsError("train.sync_bn: SyncBatchNorm runs on GPUs only; set it to false with train.device=cpu")
 

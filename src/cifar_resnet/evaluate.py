@@ -10,19 +10,22 @@ from cifar_resnet.loader import EvalLoader
 
 @torch.no_grad()
 def evaluate(model, loader: EvalLoader, runtime) -> tuple[float, float, torch.Tensor]:
-    """(mean loss, accuracy, softmax probabilities) over every image of `loader`; the model's mode is restored."""
+    """(mean loss, accuracy, softmax probabilities) over every image of `loader`; the model's mode is restored.
+    Per-batch loss sums stay on the device until the end; the float64 total is made on the host (MPS has none)."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
-    probs = []
+    batch_losses, probs = [], []
     for x, y in loader:
         with runtime.autocast():
             logits = model(x)
         logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        batch_losses.append(F.cross_entropy(logits, y, reduction="sum"))
         probs.append(torch.softmax(logits, dim=1))
     model.train(was_training)
     probs = torch.cat(probs)
-    correct = (probs.argmax(1) == loader.labels).sum()
+    correct = int((probs.argmax(1) == loader.labels).sum().item())
+    loss_sum = 0.0
+    for value in torch.stack(batch_losses).cpu().tolist():
+        loss_sum += value
     n = len(loader.labels)
-    return (loss_sum / n).item(), (correct.double() / n).item(), probs
+    return loss_sum / n, correct / n, probs

@@ -12,7 +12,7 @@ import hashlib
 import numpy as np
 import torch
 
-from cifar_resnet.augment import BatchAugment, albumentations_pipeline, normalise
+from cifar_resnet.augment import BatchAugment, albumentations_pipeline, channel_stats, normalise
 
 
 def derive_seed(*keys) -> int:
@@ -26,13 +26,14 @@ class EvalLoader:
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.mean, self.std, self.device = batch_size, mean, std, device
         self.memory_format = memory_format
+        self._mean, self._std = channel_stats(mean, device), channel_stats(std, device)  # made once, not per batch
 
     def __len__(self) -> int:
         return -(-len(self.images) // self.batch_size)
 
     def __iter__(self):
         for i in range(0, len(self.images), self.batch_size):
-            x = normalise(self.images[i:i + self.batch_size], self.mean, self.std)
+            x = normalise(self.images[i:i + self.batch_size], self._mean, self._std)
             yield x.contiguous(memory_format=self.memory_format), self.labels[i:i + self.batch_size]
 
 
@@ -50,7 +51,7 @@ class TrainLoader(EvalLoader):
     def epoch(self, epoch: int):
         """This rank's (images, labels) batches of training epoch `epoch` (1-based)."""
         order_gen = torch.Generator().manual_seed(derive_seed(self.seed, "shuffle", epoch))
-        order = torch.randperm(len(self.images), generator=order_gen).to(self.device)
+        order = torch.randperm(len(self.images), generator=order_gen, device="cpu").to(self.device)
         augment = self._augmenter(epoch)
         bs, share = self.batch_size, self.share
         for i in range(len(self)):

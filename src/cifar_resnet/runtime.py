@@ -51,15 +51,22 @@ class Runtime:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def describe(self) -> str:
-        where = cpu_model() if self.device.type == "cpu" else str(self.device)
+        where = cpu_model() if self.device.type == "cpu" else ", ".join(accelerator_names(self.device)[:1])
         layout = "channels_last" if self.channels_last else "NCHW"
         return f"{self.device.type} ({where}), {self.precision}, {layout}, {self.threads} threads"
 
 
 def pick_runtime(train_params, local_rank: int = 0, nproc: int = 1) -> Runtime:
-    """Resolve the `auto` settings: device cuda > mps > cpu; precision bf16 on a bf16 CPU, AMP on CUDA, else fp32."""
+    """Resolve the `auto` settings: device cuda > mps > cpu; precision bf16 where the device runs it natively, fp16
+    with a grad scaler on other CUDA GPUs, fp32 elsewhere."""
     name = _pick_device(train_params.device)
+    check_processes(train_params, name, nproc)
     device = torch.device(name, local_rank) if name == "cuda" else torch.device(name)
+    if name == "cuda":
+        torch.cuda.set_device(device)  # before any probe: under DDP each rank talks to its own GPU only
+        # Deterministic convolution algorithms cost little here; benchmark mode would pick them by timing.
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
     precision = _pick_precision(train_params.precision, name)
     channels_last = train_params.channels_last
     if channels_last == "auto":
@@ -67,12 +74,35 @@ def pick_runtime(train_params, local_rank: int = 0, nproc: int = 1) -> Runtime:
     threads = train_params.threads or max(1, (os.cpu_count() or 1) // nproc)
     if name == "cpu":
         torch.set_num_threads(threads)
-    if name == "cuda":
-        # Deterministic convolution algorithms cost little here; benchmark mode would pick them by timing.
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-        torch.cuda.set_device(device)
     return Runtime(device, precision, bool(channels_last), threads)
+
+
+def check_processes(train_params, device: str, nproc: int) -> None:
+    """What params validation cannot know before the device is resolved: one GPU per process, SyncBatchNorm on
+    GPUs only. (CPU jobs run several gloo processes on one host.)"""
+    if device == "cuda" and nproc > torch.cuda.device_count():
+        raise ParamsError(f"train.nproc: {nproc} processes need {nproc} GPUs, but {torch.cuda.device_count()} "
+                          "are visible; lower train.nproc (or set CUDA_VISIBLE_DEVICES)")
+    if train_params.sync_bn and device != "cuda":
+        raise ParamsError(f"train.sync_bn: SyncBatchNorm runs on CUDA GPUs only, and this run is on {device}; "
+                          "set it to false")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timings); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def accelerator_names(device: torch.device) -> list[str]:
+    """The model of every visible GPU (for timing records); empty on the CPU."""
+    if device.type == "cuda":
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if device.type == "mps":
+        return [f"Apple MPS ({platform.machine()})"]
+    return []
 
 
 def _pick_device(name: str) -> str:
@@ -87,8 +117,8 @@ def _pick_device(name: str) -> str:
 
 def _pick_precision(precision: str, device: str) -> str:
     if precision == "auto":
-        if device == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if device == "cuda":  # emulated bf16 (V100, T4, RTX 20xx) has no tensor cores: fp16 there
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         return "bf16" if device == "cpu" and cpu_has_bf16() else "fp32"
     if precision == "fp16" and device != "cuda":
         raise ParamsError("train.precision: fp16 needs CUDA (use bf16 or fp32 here)")

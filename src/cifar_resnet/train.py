@@ -13,7 +13,6 @@ import torch
 
 from cifar_resnet import checkpoint
 from cifar_resnet.distributed import Dist
-from cifar_resnet.entry import quiet
 from cifar_resnet.errors import ParamsError
 from cifar_resnet.evaluate import evaluate
 from cifar_resnet.loader import EvalLoader, TrainLoader
@@ -48,11 +47,14 @@ class _Run:
 
 
 def train(params, data, mean, std, lr_max: float, lr_min: float, runtime: Runtime, dist: Dist = Dist(),
-          run_key: str | None = None, log=print) -> TrainResult:
-    """Train from scratch, or resume the checkpoint stored under `run_key`; return the model and its history."""
+          run_key: str | None = None, log=print, on_epoch=None) -> TrainResult:
+    """Train from scratch, or resume the checkpoint stored under `run_key`; return the model and its history.
+    `on_epoch(history)` is called on rank 0 after each epoch (live metrics)."""
     tp = params.train
-    torch.manual_seed(params.seed)  # weight initialisation
-    model = build_model(params.model).to(runtime.device, memory_format=runtime.memory_format)
+    torch.manual_seed(params.seed)
+    with torch.device("cpu"):  # weights drawn on the host from the seed: the same start on every device
+        model = build_model(params.model)
+    model = model.to(runtime.device, memory_format=runtime.memory_format)
     loader = TrainLoader(data.train_images, data.train_labels, tp.batch_size, mean, std, runtime.device,
                          aug=params.augment, seed=params.seed, rank=dist.rank, world_size=dist.world_size,
                          memory_format=runtime.memory_format)
@@ -70,15 +72,19 @@ def train(params, data, mean, std, lr_max: float, lr_min: float, runtime: Runtim
     for epoch in range(start_epoch, tp.epochs + 1):
         t0 = time.perf_counter()
         row, seen = _train_epoch(run, epoch, tp.epochs)
-        for split, eval_loader in eval_loaders.items():
-            loss, acc, _ = evaluate(model, eval_loader, runtime)
-            row[f"{split}_loss"], row[f"{split}_acc"] = round(loss, 6), round(acc, 6)
+        if epoch % tp.eval_every == 0 or epoch == tp.epochs:
+            for split, eval_loader in eval_loaders.items():
+                loss, acc, _ = evaluate(model, eval_loader, runtime)
+                row[f"{split}_loss"], row[f"{split}_acc"] = round(loss, 6), round(acc, 6)
         seconds = time.perf_counter() - t0
         result.history.append(row)
         result.epoch_seconds.append(round(seconds, 2))
         if dist.is_main:
-            if run_key is not None:  # saved before the epoch is reported: a reported epoch is never lost
+            # Saved before the epoch is reported: a reported epoch is never lost.
+            if run_key is not None and epoch % tp.checkpoint_every == 0 and epoch < tp.epochs:
                 checkpoint.save(run_key, _state(run, epoch, result))
+            if on_epoch is not None:
+                on_epoch(result.history)
             log(_epoch_line(row, tp.epochs, seconds, seen * dist.world_size / seconds))
         if dist.world_size > 1:
             torch.distributed.barrier()
@@ -89,9 +95,10 @@ def train(params, data, mean, std, lr_max: float, lr_min: float, runtime: Runtim
 
 
 def _eval_loaders(params, data, mean, std, runtime) -> dict[str, EvalLoader]:
-    """One loader per held-out split that has images: validation, test."""
+    """One loader per split that `train.eval_split` names (auto: every held-out split that has images)."""
+    wanted = {"auto": ("val", "test"), "none": (), "val": ("val",), "test": ("test",)}[params.train.eval_split]
     loaders = {}
-    for split in ("val", "test"):
+    for split in wanted:
         images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
         if len(images):
             loaders[split] = EvalLoader(images, labels, params.evaluate.batch_size, mean, std, runtime.device,
@@ -100,8 +107,14 @@ def _eval_loaders(params, data, mean, std, runtime) -> dict[str, EvalLoader]:
 
 
 def _resume(run: _Run, result: TrainResult, run_key: str, log) -> int:
-    """Load the checkpoint of `run_key` if there is one; return the first epoch still to train."""
-    state = checkpoint.load(run_key, log=log if run.dist.is_main else quiet)
+    """Load the checkpoint of `run_key` if there is one; return the first epoch still to train. Only rank 0 reads
+    it and every rank gets rank 0's: ranks on other nodes may not see the same cache folder, and a rank that started
+    afresh while the others resumed would train a different model (DDP syncs parameters only when it is built)."""
+    state = checkpoint.load(run_key, log=log) if run.dist.is_main else None
+    if run.dist.world_size > 1:
+        box = [state]
+        torch.distributed.broadcast_object_list(box, src=0)
+        state = box[0]
     if state is None:
         return 1
     run.model.load_state_dict(state["model"])
@@ -135,32 +148,36 @@ def _parallel(model, tp, runtime: Runtime, dist: Dist):
 
 def _train_epoch(run: _Run, epoch: int, epochs: int) -> tuple[dict, int]:
     """Train one epoch; return its history row (LR at its end, mean training loss and accuracy) and the images
-    this process saw."""
+    this process saw. The step losses stay on the device until the epoch ends: no host sync per step, and the
+    float64 totals are made on the host (MPS has no float64)."""
     device, steps = run.runtime.device, len(run.loader)
     run.net.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    losses, sizes = [], []
     correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
     bar = _progress(total=steps, desc=f"epoch {epoch}/{epochs}", disable=not run.dist.is_main)
     for i, (x, y) in enumerate(run.loader.epoch(epoch)):
         step = (epoch - 1) * steps + i
         loss, logits = train_step(run.net, run.optimizer, run.scaler, run.runtime, x, y, run.schedule(step),
                                   run.watch, step)
-        loss_sum += loss.double() * len(y)
+        losses.append(loss)
+        sizes.append(len(y))
         correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
         if not bar.disable and (device.type == "cpu" or i % 10 == 0):
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{run.schedule(step):.4f}", refresh=False)
         bar.update(1)
     bar.close()
     run.watch.check()
-    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
+    loss_sum = 0.0
+    for value, n in zip(torch.stack(losses).cpu().tolist(), sizes):
+        loss_sum += value * n
+    totals = [loss_sum, float(correct.item()), float(sum(sizes))]
     if run.dist.world_size > 1:
-        torch.distributed.all_reduce(totals)
+        reduced = torch.tensor(totals, dtype=torch.float64, device=device)  # CPU (gloo) or CUDA (NCCL) only
+        torch.distributed.all_reduce(reduced)
+        totals = reduced.tolist()
     row = {"epoch": epoch, "lr": run.schedule(epoch * steps - 1),
-           "train_loss": round((totals[0] / totals[2]).item(), 6),
-           "train_acc": round((totals[1] / totals[2]).item(), 6)}
-    return row, seen
+           "train_loss": round(totals[0] / totals[2], 6), "train_acc": round(totals[1] / totals[2], 6)}
+    return row, sum(sizes)
 
 
 def _epoch_line(row: dict, epochs: int, seconds: float, img_per_s: float) -> str:
