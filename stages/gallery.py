@@ -1,5 +1,5 @@
-"""Stage `gallery`: PNGs a person can open anywhere: the most confident mistakes, loss/accuracy curves and the
-LR schedule the run used."""
+"""Stage `gallery`: PNGs a person can open anywhere: the most confident mistakes (on the split the evaluate stage
+reports), loss/accuracy curves and the LR schedule the run used."""
 
 from cifar_resnet.bootstrap import start_stage_process
 
@@ -10,8 +10,8 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from cifar_resnet.config import load_params  # noqa: E402
-from cifar_resnet.data import load_test_split  # noqa: E402
+from cifar_resnet.config import evaluation_split, load_params  # noqa: E402
+from cifar_resnet.data import load_split  # noqa: E402
 from cifar_resnet.entry import log, run_stage  # noqa: E402
 from cifar_resnet.figures import curves_figure, gallery_figure, schedule_figure  # noqa: E402
 from cifar_resnet.paths import (CURVES_PNG, DATA_DIR, GALLERY_PNG, PREDICTIONS, SCHEDULE_PNG,  # noqa: E402
@@ -23,7 +23,7 @@ def main() -> None:
     params = load_params()
     saved = np.load(PREDICTIONS)
     probs, labels = saved["probs"], saved["labels"]
-    test = load_test_split(DATA_DIR, params.data.test_limit)
+    test = load_split(DATA_DIR, evaluation_split(params), params.data)  # the split evaluate predicted
     pred, conf = probs.argmax(1), probs.max(1)
     wrong = np.flatnonzero(pred != labels)
     shown = wrong[np.argsort(-conf[wrong], kind="stable")][: params.gallery.num_images]
@@ -34,7 +34,7 @@ def main() -> None:
     schedule = OneCycle.for_run(train["lr_min"], train["lr_max"], params.train.epochs, params.train.peak_epoch,
                                 train["steps_per_epoch"])
     schedule_figure(SCHEDULE_PNG, [schedule(s) for s in range(schedule.total_steps)], train["steps_per_epoch"])
-    log(f"gallery: {len(shown)} of {len(wrong)} misclassified test images drawn; curves and schedule plotted")
+    log(f"gallery: {len(shown)} of {len(wrong)} misclassified images drawn; curves and schedule plotted")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def run_identity(params, lr_max: float, lr_min: float, world_size: int, data_md5
     the process count, the code and the data; the key is a hash of it."""
     config = {"seed": params.seed, "lr_max": lr_max, "lr_min": lr_min, "data": asdict(params.data),
               "model": asdict(params.model), "augment": asdict(params.augment), "train": asdict(params.train),
-              "evaluate": asdict(params.evaluate), "world_size": world_size}
+              "evaluate": {"batch_size": params.evaluate.batch_size}, "world_size": world_size}
     identity = {"config": config, "code": code_fingerprint(), "data": data_md5}
     blob = json.dumps(identity, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20], identity

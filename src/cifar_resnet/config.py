@@ -35,6 +35,9 @@ class DataParams:
 class ModelParams:
     channels: tuple[int, int, int, int] = (64, 128, 256, 512)
     logit_scale: float = field(default=0.125, metadata=_check("positive"))
+    activation: str = field(default="relu", metadata=_check("one_of:relu,celu"))
+    celu_alpha: float = field(default=0.075, metadata=_check("positive"))
+    whitening: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class AugmentParams:
     flip_p: float = field(default=0.5, metadata=_check("probability"))
     cutout: int = field(default=8, metadata=_check("non_negative"))
     backend: str = field(default="batched", metadata=_check("one_of:batched,albumentations"))
+    flip: str = field(default="random", metadata=_check("one_of:random,alternate"))
 
 
 @dataclass(frozen=True)
@@ -76,11 +80,19 @@ class TrainParams:
     eval_split: str = field(default="auto", metadata=_check("one_of:auto,none,val,test"))
     eval_every: int = field(default=1, metadata=_check("positive"))
     checkpoint_every: int = field(default=1, metadata=_check("positive"))
+    label_smoothing: float = field(default=0.0, metadata=_check("fraction"))
+    ema_decay: float = field(default=0.0, metadata=_check("fraction"))
+    ema_every: int = field(default=5, metadata=_check("positive"))
+    frozen_bn_scales: bool = False
+    bn_bias_lr_factor: float = field(default=64.0, metadata=_check("positive"))
+    cycle_momentum: bool = False
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = field(default=1000, metadata=_check("positive"))
+    split: str = field(default="auto", metadata=_check("one_of:auto,val,test"))
+    tta: str = field(default="none", metadata=_check("one_of:none,flip,flip+translate"))
 
 
 @dataclass(frozen=True)
@@ -202,6 +214,10 @@ def _cross_checks(p: Params) -> None:
         raise ParamsError(f"lr_range_test.end_lr: expected more than start_lr ({r.start_lr}), got {r.end_lr}")
     if r.num_iter < 10:
         raise ParamsError(f"lr_range_test.num_iter: expected at least 10, got {r.num_iter}")
+    if a.flip == "alternate" and a.backend != "batched":
+        raise ParamsError("augment.flip: 'alternate' needs augment.backend batched")
+    if p.evaluate.split == "val" and p.data.val_size == 0:
+        raise ParamsError("evaluate.split: 'val' needs a validation split; set data.val_size above 0")
     if t.eval_split == "val" and p.data.val_size == 0:
         raise ParamsError("train.eval_split: 'val' needs a validation split; set data.val_size above 0")
     if t.sync_bn and t.device == "cpu":
@@ -225,6 +241,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except (OSError, UnicodeDecodeError) as exc:
         raise ParamsError(f"{path}: cannot be read ({exc})") from None
     return parse_params(raw)
+
+
+def evaluation_split(params: Params) -> str:
+    """The split the evaluate stage reports: `evaluate.split`, where auto means the validation split when there is
+    one (recipes are chosen there: no test number exists while choosing), else the test split."""
+    if params.evaluate.split == "auto":
+        return "val" if params.data.val_size else "test"
+    return params.evaluate.split
 
 
 def resolve_lr_max(params: Params, range_test_result: dict | None) -> tuple[float, float, str]:

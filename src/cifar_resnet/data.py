@@ -302,3 +302,12 @@ def load_cifar10(folder: str | Path, train_limit: int | None = None, test_limit:
     test = load_test_split(folder, test_limit, md5s)
     return Cifar10(train_x[train_idx], train_y[train_idx], train_x[val_idx], train_y[val_idx],
                    test.images, test.labels, classes)
+
+
+def load_split(folder: str | Path, split: str, data_params) -> Cifar10Test:
+    """The images, labels and class names of one evaluation split ("val" or "test") as `data_params` define it."""
+    d = data_params
+    if split == "test":
+        return load_test_split(folder, d.test_limit)
+    whole = load_cifar10(folder, d.train_limit, d.test_limit, d.val_size)
+    return Cifar10Test(whole.val_images, whole.val_labels, whole.classes)

@@ -56,7 +56,7 @@ class TrainLoader(EvalLoader):
         bs, share = self.batch_size, self.share
         for i in range(len(self)):
             idx = order[i * bs:(i + 1) * bs][self.rank * share:(self.rank + 1) * share]
-            x = augment(i, self.images[idx])
+            x = augment(i, idx, self.images[idx])
             yield x.contiguous(memory_format=self.memory_format), self.labels[idx]
 
     def _augmenter(self, epoch: int):
@@ -64,14 +64,28 @@ class TrainLoader(EvalLoader):
         seed = derive_seed(self.seed, "augment", epoch, self.rank)
         if self.batch_augment is not None:
             drawn = self.batch_augment.draw(len(self) * self.share, torch.Generator().manual_seed(seed))
+            flips = self._alternate_flips(epoch) if self.aug.flip == "alternate" else None
             share = self.share
-            return lambda i, images: self.batch_augment(images, {k: v[i * share:(i + 1) * share]
-                                                                 for k, v in drawn.items()})
+
+            def batched(i, idx, images):
+                batch = {k: v[i * share:(i + 1) * share] for k, v in drawn.items()}
+                if flips is not None:
+                    batch["flip"] = flips[idx]
+                return self.batch_augment(images, batch)
+
+            return batched
         pipeline = albumentations_pipeline(self.aug, self.mean, self.std, seed=seed % 2**32)
 
-        def per_image(_i, images):
+        def per_image(_i, _idx, images):
             hwc = images.permute(0, 2, 3, 1).cpu().numpy()
             x = torch.from_numpy(np.stack([pipeline(image=im)["image"] for im in hwc]))
             return x.permute(0, 3, 1, 2).to(self.device)
 
         return per_image
+
+    def _alternate_flips(self, epoch: int) -> torch.Tensor:
+        """Alternating flip (airbench): each image's flip is drawn once (p = flip_p) and inverted every other
+        epoch, so over two epochs every image is seen both ways."""
+        base = torch.rand(len(self.images), generator=torch.Generator().manual_seed(derive_seed(self.seed, "flip")),
+                          device="cpu") < self.aug.flip_p
+        return (base ^ (epoch % 2 == 0)).to(self.device)

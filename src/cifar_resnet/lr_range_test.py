@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from cifar_resnet.errors import CifarResnetError
 from cifar_resnet.loader import TrainLoader
-from cifar_resnet.model import build_model
+from cifar_resnet.model import build_model, fit_whitening
 from cifar_resnet.step import make_optimizer, make_scaler, train_step
 
 RULE = "lr_max = lr_at_min_smoothed_loss / divisor; lr_min = lr_max * lr_min_factor"
@@ -55,7 +55,10 @@ def run_range_test(params, data, mean, std, runtime, log=print, progress: bool =
     """Train a fresh model with an exponentially growing LR; pick LRMAX from the smoothed loss curve."""
     test, train_params = params.lr_range_test, params.train
     torch.manual_seed(params.seed)
-    model = build_model(params.model).to(runtime.device, memory_format=runtime.memory_format).train()
+    with torch.device("cpu"):  # as in training: weights drawn on the host, whitening fitted on the training split
+        model = build_model(params.model)
+        fit_whitening(model, data.train_images, mean, std)
+    model = model.to(runtime.device, memory_format=runtime.memory_format).train()
     optimizer, scaler = make_optimizer(model, train_params), make_scaler(runtime)
     loader = TrainLoader(data.train_images, data.train_labels, train_params.batch_size, mean, std, runtime.device,
                          aug=params.augment, seed=params.seed, memory_format=runtime.memory_format)
@@ -71,7 +74,8 @@ def run_range_test(params, data, mean, std, runtime, log=print, progress: bool =
             if i >= test.num_iter:
                 break
             lr = lr_at(i, test.start_lr, test.end_lr, test.num_iter)
-            loss, _ = train_step(model, optimizer, scaler, runtime, x, y, lr)
+            loss, _ = train_step(model, optimizer, scaler, runtime, x, y, lr,
+                                 label_smoothing=train_params.label_smoothing)
             value = loss.item()  # the curve is read on the host anyway: one sync per step is the test's nature
             if not math.isfinite(value):
                 stopped_early = True

@@ -2,12 +2,15 @@
 
 The LR rises linearly from LRMIN at the first step to LRMAX at the last step of epoch `peak_epoch`, then falls
 linearly to LRMIN at the last step of the last epoch. It never goes below LRMIN. Momentum stays constant (Nesterov
-0.9): see the README for why.
+0.9) unless `train.cycle_momentum` asks for the 1cycle policy's: 0.95 -> 0.85 -> 0.95, inversely to the LR.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+MOMENTUM_CYCLE = (0.95, 0.85)  # momentum at the ends of the cycle, and at its peak
 
 
 @dataclass(frozen=True)
@@ -23,10 +26,18 @@ class OneCycle:
 
     def __call__(self, step: int) -> float:
         """LR of step `step` (0-based, counted over the whole run)."""
+        frac = self._frac(step)
+        return (1 - frac) * self.lr_min + frac * self.lr_max  # exact at both ends
+
+    def momentum(self, step: int) -> float:
+        """The cycled momentum of step `step`: highest where the LR is lowest."""
+        frac = self._frac(step)
+        return (1 - frac) * MOMENTUM_CYCLE[0] + frac * MOMENTUM_CYCLE[1]
+
+    def _frac(self, step: int) -> float:
+        """Where step `step` stands between the ends (0) and the peak (1)."""
         if not 0 <= step < self.total_steps:
             raise IndexError(f"step {step} outside the schedule of {self.total_steps} steps")
         if step <= self.peak_step:
-            frac = step / self.peak_step if self.peak_step else 1.0
-        else:
-            frac = (self.total_steps - 1 - step) / (self.total_steps - 1 - self.peak_step)
-        return (1 - frac) * self.lr_min + frac * self.lr_max  # exact at both ends
+            return step / self.peak_step if self.peak_step else 1.0
+        return (self.total_steps - 1 - step) / (self.total_steps - 1 - self.peak_step)

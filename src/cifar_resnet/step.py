@@ -14,12 +14,23 @@ from cifar_resnet.errors import DivergedError
 
 
 def make_optimizer(model: torch.nn.Module, train_params) -> torch.optim.SGD:
-    """SGD with the recipe's momentum and weight decay; the LR is set by every step. On CUDA the fused kernel: one
-    launch for all parameters, and with fp16 it reads the scaler's inf flag on the device (foreach SGD would copy it
-    to the host every step)."""
+    """SGD with the recipe's momentum and weight decay; the LR is set by every step (times each group's
+    `lr_scale`). With `frozen_bn_scales` the BatchNorm scales stay at 1 and the BatchNorm biases learn
+    `bn_bias_lr_factor` times faster with that much less weight decay (Page). On CUDA the fused kernel: one launch
+    for all parameters, and with fp16 it reads the scaler's inf flag on the device (foreach SGD would copy it to the
+    host every step)."""
+    tp = train_params
+    groups = [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    if tp.frozen_bn_scales:
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for bn in bns:
+            bn.weight.requires_grad_(False)
+        special = {id(p) for bn in bns for p in (bn.weight, bn.bias)}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in special], "lr_scale": 1.0},
+                  {"params": [bn.bias for bn in bns], "lr_scale": tp.bn_bias_lr_factor,
+                   "weight_decay": tp.weight_decay / tp.bn_bias_lr_factor}]
     on_cuda = next(model.parameters()).device.type == "cuda"
-    return torch.optim.SGD(model.parameters(), lr=0.0, momentum=train_params.momentum,
-                           nesterov=train_params.nesterov, weight_decay=train_params.weight_decay,
+    return torch.optim.SGD(groups, lr=0.0, momentum=tp.momentum, nesterov=tp.nesterov, weight_decay=tp.weight_decay,
                            fused=True if on_cuda else None)
 
 
@@ -27,13 +38,17 @@ def make_scaler(runtime) -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cuda", enabled=runtime.precision == "fp16")
 
 
-def train_step(net, optimizer, scaler, runtime, x, y, lr: float, watch=None, step: int = 0):
-    """One SGD step on the batch (x, y) at learning rate `lr`; returns the (loss, logits), detached."""
+def train_step(net, optimizer, scaler, runtime, x, y, lr: float, watch=None, step: int = 0,
+               momentum: float | None = None, label_smoothing: float = 0.0):
+    """One SGD step on the batch (x, y) at learning rate `lr` (and `momentum`, when it is scheduled too);
+    returns the (loss, logits), detached."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"]
+        if momentum is not None:
+            group["momentum"] = momentum
     with runtime.autocast():
         logits = net(x)
-    loss = F.cross_entropy(logits.float(), y)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     if watch is not None:
         watch.update(loss, step)
     optimizer.zero_grad(set_to_none=True)

@@ -5,6 +5,7 @@ Runs as one process or as one rank of a torchrun/DistributedDataParallel job (ra
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from cifar_resnet.distributed import Dist
 from cifar_resnet.errors import ParamsError
 from cifar_resnet.evaluate import evaluate
 from cifar_resnet.loader import EvalLoader, TrainLoader
-from cifar_resnet.model import build_model
+from cifar_resnet.ema import WeightEMA
+from cifar_resnet.model import build_model, fit_whitening
 from cifar_resnet.runtime import Runtime
 from cifar_resnet.schedule import OneCycle
 from cifar_resnet.step import DivergenceWatch, make_optimizer, make_scaler, train_step
@@ -44,6 +46,8 @@ class _Run:
     watch: DivergenceWatch
     runtime: Runtime
     dist: Dist
+    ema: WeightEMA | None
+    tp: object  # the train params: label smoothing, cycled momentum
 
 
 def train(params, data, mean, std, lr_max: float, lr_min: float, runtime: Runtime, dist: Dist = Dist(),
@@ -54,6 +58,7 @@ def train(params, data, mean, std, lr_max: float, lr_min: float, runtime: Runtim
     torch.manual_seed(params.seed)
     with torch.device("cpu"):  # weights drawn on the host from the seed: the same start on every device
         model = build_model(params.model)
+        fit_whitening(model, data.train_images, mean, std)
     model = model.to(runtime.device, memory_format=runtime.memory_format)
     loader = TrainLoader(data.train_images, data.train_labels, tp.batch_size, mean, std, runtime.device,
                          aug=params.augment, seed=params.seed, rank=dist.rank, world_size=dist.world_size,
@@ -64,17 +69,22 @@ def train(params, data, mean, std, lr_max: float, lr_min: float, runtime: Runtim
     schedule = OneCycle.for_run(lr_min, lr_max, tp.epochs, tp.peak_epoch, len(loader))
     watch = DivergenceWatch(runtime.device, max_loss=tp.max_loss, lr_of=schedule, steps_per_epoch=len(loader),
                             world_size=dist.world_size)
-    run = _Run(model, model, make_optimizer(model, tp), make_scaler(runtime), loader, schedule, watch, runtime, dist)
+    ema = WeightEMA(model, tp.ema_decay, tp.ema_every) if tp.ema_decay else None
+    run = _Run(model, model, make_optimizer(model, tp), make_scaler(runtime), loader, schedule, watch, runtime, dist,
+               ema, tp)
     result = TrainResult(model)
     start_epoch = _resume(run, result, run_key, log) if run_key is not None else 1
     run.net = _parallel(model, tp, runtime, dist)
     eval_loaders = _eval_loaders(params, data, mean, std, runtime) if dist.is_main else {}
+    result.model = copy.deepcopy(model) if ema else model  # what is evaluated and saved: the EMA when on
     for epoch in range(start_epoch, tp.epochs + 1):
         t0 = time.perf_counter()
         row, seen = _train_epoch(run, epoch, tp.epochs)
+        if ema:
+            ema.copy_to(result.model)
         if epoch % tp.eval_every == 0 or epoch == tp.epochs:
             for split, eval_loader in eval_loaders.items():
-                loss, acc, _ = evaluate(model, eval_loader, runtime)
+                loss, acc, _ = evaluate(result.model, eval_loader, runtime)
                 row[f"{split}_loss"], row[f"{split}_acc"] = round(loss, 6), round(acc, 6)
         seconds = time.perf_counter() - t0
         result.history.append(row)
@@ -120,6 +130,9 @@ def _resume(run: _Run, result: TrainResult, run_key: str, log) -> int:
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None:  # into the EMA's own tensors: the checkpoint loads on the CPU, the model may not be
+        for key, value in state["ema"].items():
+            run.ema.state[key].copy_(value)
     result.history, result.epoch_seconds = state["history"], state["epoch_seconds"]
     result.resumed_from = state["epoch"] + 1
     if run.dist.is_main:
@@ -130,7 +143,7 @@ def _resume(run: _Run, result: TrainResult, run_key: str, log) -> int:
 def _state(run: _Run, epoch: int, result: TrainResult) -> dict:
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "epoch": epoch, "history": result.history,
-            "epoch_seconds": result.epoch_seconds}
+            "epoch_seconds": result.epoch_seconds, "ema": run.ema.state if run.ema else None}
 
 
 def _parallel(model, tp, runtime: Runtime, dist: Dist):
@@ -158,7 +171,10 @@ def _train_epoch(run: _Run, epoch: int, epochs: int) -> tuple[dict, int]:
     for i, (x, y) in enumerate(run.loader.epoch(epoch)):
         step = (epoch - 1) * steps + i
         loss, logits = train_step(run.net, run.optimizer, run.scaler, run.runtime, x, y, run.schedule(step),
-                                  run.watch, step)
+                                  run.watch, step, momentum=run.schedule.momentum(step) if run.tp.cycle_momentum
+                                  else None, label_smoothing=run.tp.label_smoothing)
+        if run.ema is not None:
+            run.ema.update(run.model, step)
         losses.append(loss)
         sizes.append(len(y))
         correct += (logits.argmax(1) == y).sum()
