@@ -7,7 +7,7 @@ export PYTHONPATH := $(abspath src)
 export DVC_NO_ANALYTICS := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: repro test bench install plots clean-checkpoints study
+.PHONY: repro test bench install plots clean-checkpoints study pull gpu-check ablation
 
 # The package is installed editable (no dependencies: requirements.txt pins them), so `python -m cifar_resnet.model`
 # works in the activated .venv; stage commands still put their own tree's src/ first (PYTHONPATH=src).
@@ -48,3 +48,40 @@ study: $(VENV)/.installed
 	$(if $(NAME),,$(error NAME is required: make study NAME=default SEEDS=0-4))
 	python -m cifar_resnet.study '$(NAME)' --seeds '$(SEEDS)' $(foreach s,$(SET),--set '$(s)') \
 		$(if $(DEVICE),--device '$(DEVICE)')
+
+# `make pull`: the DVC-tracked outputs of the checked-out commit (data/, models/) from the default DVC remote, instead
+# of `make repro`'s hour of training (README, "Sharing: remotes"). With no default remote, `dvc pull` says only
+# "Everything is up to date." and "Checkout failed ... Is your cache up to date?": this says what is missing instead.
+pull: $(VENV)/.installed
+	@remotes="$$(dvc remote list)" || exit 1; \
+	if ! dvc remote default >/dev/null 2>&1; then \
+		remotes="$$(printf '%s\n' "$$remotes" | awk 'NF {printf "%s ", $$1}')"; \
+		echo "make pull: no default DVC remote is configured, so there is nothing to pull the data and model from." >&2; \
+		if [ -n "$$remotes" ]; then \
+			echo "  Remotes configured here, none of them the default: $$remotes" >&2; \
+			echo "  Pick one:  dvc remote default NAME   (or pull from one: dvc pull -r NAME)" >&2; \
+		else \
+			echo "  Add one once and commit it, so that every clone has it:" >&2; \
+			echo "    dvc remote add -d storage URL    # a shared folder, s3://bucket/path, gs://bucket/path, ssh://host/path" >&2; \
+			echo "    git add .dvc/config && git commit -m 'DVC remote'" >&2; \
+			echo "  then whoever has the outputs runs 'dvc push' (README, \"Sharing: remotes\")." >&2; \
+		fi; \
+		echo "  Without a remote, 'make repro' rebuilds everything from the data set: about an hour on a CPU." >&2; \
+		exit 1; \
+	fi
+	dvc pull
+
+# `make gpu-check`: for a machine with a GPU (README, "GPU and other devices"). No install and no .venv needed: it runs
+# with whatever $(PYTHON) is on PATH and its torch (no DVC, no albumentations, no data set: synthetic images without
+# one). The portability tests on CUDA or MPS, a 24-epoch full-size timing and the bench; one JSON line last. With no
+# GPU: the CPU part only, and exit 0. Options: GPU_CHECK_ARGS="--epochs 5" (python -m cifar_resnet.gpu_check -h).
+gpu-check:
+	$(PYTHON) -m cifar_resnet.gpu_check $(GPU_CHECK_ARGS)
+
+# `make ablation ROW=baseline [SET="key=value ..."] [ON=EARLIER_ROW] [SEED=0] [DEVICE=cuda] [VAL_SIZE=5000]`: one row
+# of the tricks ablation: one training run on 45,000 images, its validation accuracy without TTA, with flip and
+# with flip+translate, appended to studies/ablation/runs.csv and table.md (`python -m cifar_resnet.ablation --help`).
+ablation: $(VENV)/.installed
+	$(if $(ROW),,$(error ROW is required: make ablation ROW=baseline [SET="train.label_smoothing=0.2"] [ON=row]))
+	python -m cifar_resnet.ablation '$(ROW)' $(foreach s,$(SET),--set '$(s)') $(if $(ON),--on '$(ON)') \
+		$(if $(SEED),--seed '$(SEED)') $(if $(VAL_SIZE),--val-size '$(VAL_SIZE)') $(if $(DEVICE),--device '$(DEVICE)')
