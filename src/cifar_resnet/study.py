@@ -216,25 +216,26 @@ def git_reader(ref: str):
     return read
 
 
-def read_run(read, source: str) -> Run:
+def read_run(read, source: str, make=None) -> Run:
     """A finished run from a reader of its files (the workspace, or an experiment's commit).
 
     Its dvc.lock must record the very files read here, with the params of its params.yaml: anything else is a run
-    whose numbers and params may not belong together (StaleRun).
+    whose numbers and params may not belong together (StaleRun). `make(read, seed, code, source)` makes its row
+    (default `make_row`, the study's; the ablation has its own).
     """
-    lock = _load(read, "dvc.lock", yaml.safe_load, source)
+    lock = load_file(read, "dvc.lock", yaml.safe_load, source)
     stages = lock.get("stages") or {}
     graph = {name: ([d["path"] for d in stage.get("deps") or []], [o["path"] for o in stage.get("outs") or []])
              for name, stage in stages.items()}
     code_paths = source_files(graph)
     hashes = {d["path"]: d.get("md5") for stage in stages.values() for d in stage.get("deps") or []}
-    params = flatten(_load(read, "params.yaml", yaml.safe_load, source))
+    params = flatten(load_file(read, "params.yaml", yaml.safe_load, source))
     _check_lock(read, stages, graph, params, source)
     code = {path: hashes[path] for path in code_paths}
-    return Run(params, code, make_row(read, params["seed"], code, source))
+    return Run(params, code, (make or make_row)(read, params["seed"], code, source))
 
 
-def _load(read, rel: str, parse, source: str):
+def load_file(read, rel: str, parse, source: str):
     data = read(rel)
     if data is None:
         raise StaleRun(f"{source}: no {rel}")
@@ -260,15 +261,15 @@ def _check_lock(read, stages: dict, graph: dict, params: dict, source: str) -> N
 
 def make_row(read, seed, code: dict, source: str) -> dict:
     """One study row. Tolerant of new keys; a validation accuracy comes from evaluate or, failing that, train."""
-    evaluate, train, timing = (_load(read, rel, json.loads, source) for rel in ROW_FILES)
+    evaluate, train, timing = (load_file(read, rel, json.loads, source) for rel in ROW_FILES)
     val = evaluate.get("val_accuracy", train.get("val_acc"))
     return {"seed": int(seed), "test_accuracy": float(evaluate["accuracy"]),
             "val_accuracy": float(val) if val is not None else None, "lr_max": float(train["lr_max"]),
             "train_seconds": float(timing["seconds_total"]), "device": str(timing.get("device", "")),
-            "hardware": _hardware(timing), "code_hash": code_hash(code), "source": source}
+            "hardware": hardware_of(timing), "code_hash": code_hash(code), "source": source}
 
 
-def _hardware(timing: dict) -> str:
+def hardware_of(timing: dict) -> str:
     device = timing.get("device", "cpu")
     if device == "cpu":
         return str(timing.get("cpu", ""))
@@ -485,9 +486,15 @@ def finished_experiment(study: str, seed: int, config: Config, baseline: str) ->
 
 def run_seed(seed: int, name: str, overrides: list[str], targets: list[str], baseline: str) -> Run:
     """`dvc exp run --temp` of one seed, in the foreground; its output is DVC's and the stages' own."""
-    args = ["exp", "run", "--temp", "-n", name, "-S", f"seed={seed}", *[a for o in overrides for a in ("-S", o)],
-            *targets]
-    say(f"seed {seed}: running dvc {' '.join(args)}")
+    ref = run_experiment(f"seed {seed}", name, [f"seed={seed}", *overrides], targets, baseline)
+    return read_run(git_reader(ref), f"experiment {name}")
+
+
+def run_experiment(what: str, name: str, overrides: list[str], targets: list[str], baseline: str) -> str:
+    """`dvc exp run --temp -n NAME -S ... TARGETS` in the foreground (its output is DVC's and the stages' own);
+    returns the experiment's git ref. `what` starts every line said about it."""
+    args = ["exp", "run", "--temp", "-n", name, *[a for o in overrides for a in ("-S", o)], *targets]
+    say(f"{what}: running dvc {' '.join(args)}")
     process = subprocess.Popen([sys.executable, "-m", "dvc", *args])
     try:
         code = process.wait()
@@ -495,11 +502,11 @@ def run_seed(seed: int, name: str, overrides: list[str], targets: list[str], bas
         process.wait()  # it got the same Ctrl-C: let DVC remove its temporary copy
         raise
     if code:
-        raise StudyError(f"seed {seed}: `dvc {' '.join(args)}` failed (exit code {code}); its output is above")
+        raise StudyError(f"{what}: `dvc {' '.join(args)}` failed (exit code {code}); its output is above")
     ref = exp_ref(baseline, name)
     if not ref_exists(ref):
-        raise StudyError(f"seed {seed}: dvc exp run succeeded but made no experiment {name}")
-    return read_run(git_reader(ref), f"experiment {name}")
+        raise StudyError(f"{what}: dvc exp run succeeded but made no experiment {name}")
+    return ref
 
 
 def check_tracked(code: dict) -> None:
