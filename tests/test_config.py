@@ -198,6 +198,30 @@ BAD_VALUES = [
     ("lr_max", math.nan),
     ("lr_max", math.inf),
     ("lr_max", [0.3]),
+    # the opt-in tricks
+    ("model.activation", "gelu"),
+    ("model.activation", "CELU"),
+    ("model.celu_alpha", 0),
+    ("model.celu_alpha", "0.075"),
+    ("model.whitening", "yes"),
+    ("model.whitening", 1),
+    ("augment.flip", "always"),
+    ("augment.flip", True),
+    ("train.label_smoothing", 1.0),
+    ("train.label_smoothing", -0.1),
+    ("train.ema_decay", 1.0),
+    ("train.ema_decay", -0.5),
+    ("train.ema_every", 0),
+    ("train.ema_every", 2.5),
+    ("train.frozen_bn_scales", "true"),
+    ("train.bn_bias_lr_factor", 0),
+    ("train.bn_bias_lr_factor", -64),
+    ("train.cycle_momentum", 1),
+    ("evaluate.split", "train"),
+    ("evaluate.split", "none"),
+    ("evaluate.tta", "hflip"),
+    ("evaluate.tta", "translate"),
+    ("evaluate.tta", True),
 ]
 
 
@@ -248,6 +272,20 @@ GOOD_VALUES = [
     ("data.val_size", 5000, 5000),
     ("model.channels", [16, 32, 64, 128], (16, 32, 64, 128)),
     ("model.logit_scale", 1, 1.0),
+    ("model.activation", "celu", "celu"),
+    ("model.celu_alpha", 1, 1.0),
+    ("model.whitening", True, True),
+    ("augment.flip", "alternate", "alternate"),
+    ("train.label_smoothing", 0.2, 0.2),
+    ("train.label_smoothing", 0, 0.0),
+    ("train.ema_decay", 0.99, 0.99),
+    ("train.ema_every", 1, 1),
+    ("train.frozen_bn_scales", True, True),
+    ("train.bn_bias_lr_factor", 1, 1.0),
+    ("train.cycle_momentum", True, True),
+    ("evaluate.split", "test", "test"),
+    ("evaluate.tta", "flip", "flip"),
+    ("evaluate.tta", "flip+translate", "flip+translate"),
 ]
 
 
@@ -324,6 +362,9 @@ def test_unknown_keys_of_mixed_types_are_a_params_error():
     ({"augment": {"crop": 16, "cutout": 17}}, "augment.cutout"),
     ({"augment": {"pad": 32, "pad_mode": "reflect", "crop": 32}}, "augment.pad"),
     ({"train": {"sync_bn": True, "device": "cpu"}}, "train.sync_bn"),
+    ({"augment": {"flip": "alternate", "backend": "albumentations"}}, "augment.flip"),
+    ({"evaluate": {"split": "val"}}, "evaluate.split"),
+    ({"evaluate": {"split": "val"}, "data": {"val_size": 0}}, "evaluate.split"),
 ])
 def test_cross_check_names_the_key(raw, key):
     message = params_error(raw)
@@ -478,3 +519,20 @@ def test_eval_split_val_needs_a_validation_split():
     with pytest.raises(ParamsError, match="train.eval_split: 'val' needs a validation split"):
         parse_params({"train": {"eval_split": "val"}})
     assert parse_params({"train": {"eval_split": "val"}, "data": {"val_size": 10}}).train.eval_split == "val"
+
+
+def test_the_tricks_are_off_by_default():
+    p = Params()
+    assert (p.model.activation, p.model.whitening, p.augment.flip) == ("relu", False, "random")
+    assert (p.train.label_smoothing, p.train.ema_decay, p.train.frozen_bn_scales, p.train.cycle_momentum) == (
+        0.0, 0.0, False, False)
+    assert (p.evaluate.split, p.evaluate.tta) == ("auto", "none")
+
+
+def test_the_tricks_need_what_they_name():
+    assert params_error({"evaluate": {"split": "val"}}) == (
+        "evaluate.split: 'val' needs a validation split; set data.val_size above 0")
+    assert parse_params({"evaluate": {"split": "val"}, "data": {"val_size": 10}}).evaluate.split == "val"
+    assert "batched" in params_error({"augment": {"flip": "alternate", "backend": "albumentations"}})
+    assert parse_params({"augment": {"flip": "alternate", "backend": "batched"}}).augment.flip == "alternate"
+    assert parse_params({"augment": {"flip": "random", "backend": "albumentations"}}).augment.flip == "random"
