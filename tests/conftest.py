@@ -163,7 +163,7 @@ def copy_repo(path: Path, env: dict, cls=Repo) -> Repo:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
     for rel in files:
-        if rel == "dvc.lock" or rel.startswith(("metrics/", "plots/", "timing/", "studies/")) \
+        if rel == "dvc.lock" or rel.startswith(("metrics/", "plots/", "timing/", "studies/", "dvclive/")) \
                 or not (REPO / rel).is_file():
             continue
         (path / rel).parent.mkdir(parents=True, exist_ok=True)

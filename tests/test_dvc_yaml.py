@@ -149,3 +149,17 @@ def test_no_plain_uncached_out_switches_the_run_cache_off():
     for name, stage in STAGES.items():
         for out in stage.get("outs", []):
             assert isinstance(out, str) or next(iter(out.values())).get("cache", True), name
+
+
+def test_timing_is_a_plot_and_the_live_files_are_declared():
+    """timing/train.json is kept out of `dvc metrics diff` and `dvc exp show` by being a plot (wall time per epoch),
+    uncached like the metrics: a git file of every experiment, and the stage keeps its run-cache. The train stage's
+    live files (cifar_resnet.live) are an uncached metric (for `dvc exp show`) and an uncached plot folder."""
+    metrics = {next(iter(o)) for s in STAGES.values() for o in s.get("metrics", [])}
+    assert str(paths.TRAIN_TIMING) not in metrics
+    train = STAGES["train"]
+    plots = {next(iter(o)): next(iter(o.values())) for o in train["plots"]}
+    timing = plots[str(paths.TRAIN_TIMING)]
+    assert (timing["cache"], timing["x"], timing["y"]) == (False, "epoch", "seconds")
+    assert str(paths.LIVE_METRICS) in {next(iter(o)) for o in train["metrics"]}
+    assert plots[str(paths.LIVE_PLOTS)]["x"] == "step" and plots[str(paths.LIVE_PLOTS)]["cache"] is False

@@ -46,14 +46,16 @@ def vega_definitions() -> list[dict]:
     for stage in dvc_yaml["stages"].values():
         for entry in stage.get("plots", []):
             name, props = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
-            if not name.lower().endswith(IMAGE_SUFFIXES):
+            # Not the image plots; not a folder of per-column files either (DVCLive's live plots: one chart per
+            # file, titled by its path and column, and absent from a checkout until a run writes it).
+            if not name.lower().endswith(IMAGE_SUFFIXES) and Path(name).suffix:
                 found.append({"id": name, **(props or {})})
     return found
 
 
 def test_every_vega_plot_has_a_title_and_axis_titles():
     definitions = vega_definitions()
-    assert len(definitions) == 6, [d["id"] for d in definitions]
+    assert len(definitions) == 7, [d["id"] for d in definitions]
     for d in definitions:
         missing = [k for k in ("title", "x_label", "y_label") if not d.get(k)]
         assert not missing, f"{d['id']}: no {missing} in dvc.yaml"
@@ -156,7 +158,7 @@ def test_default_page_before_setup_works_online_only(chromium, plots_repo, tmp_p
     _, _, default_page = plots_repo
     html = default_page.read_text()
     assert REMOTE_SCRIPT.search(html)
-    assert len(CHART.findall(html)) == len(vega_definitions())
+    assert len(CHART.findall(html)) >= len(vega_definitions())  # and one per live column, where there are some
     dom = render_offline(chromium, default_page, tmp_path / "profile")
     assert len(MARKS.findall(dom)) == 0
 
@@ -179,13 +181,15 @@ def test_page_draws_every_chart_offline_with_titled_axes(chromium, plots_repo, t
     html = page.read_text()
     assert not REMOTE_SCRIPT.search(html), "the page loads a script from the network"
     charts = len(CHART.findall(html))
-    assert charts == len(vega_definitions())
+    assert charts >= len(vega_definitions())  # and one per live column, where there are some
 
     dom = render_offline(chromium, page, tmp_path / "profile")
     assert len(MARKS.findall(dom)) == charts
 
     texts = svg_texts(dom)
     for d in vega_definitions():
+        if d["id"].endswith(".json") and '"per_epoch"' not in (path / d["id"]).read_text():
+            continue  # a timing file from before per-epoch records (the committed record's): nothing to draw yet
         for key in ("title", "x_label", "y_label"):
             assert d[key] in texts, f"{d['id']}: {key} {d[key]!r} not drawn"
     assert "y" not in texts  # DVC's fallback axis title for several y columns

@@ -2,7 +2,9 @@
 
 Names, times and paths must not leak into an output (a temporary file's name inside a zip, a timestamp in a
 member's header), or DVC sees a new file where nothing changed and reruns what depends on it. The one exception is
-timing/train.json, whose job is to record how long the run took: only its measured fields may differ.
+timing/train.json, whose job is to record how long the run took: only its measured fields may differ. The train
+stage's live files (dvclive/) are compared too, with no exception: DVCLive writes its wall-clock `timestamp` column
+only when asked, and cifar_resnet.live never asks.
 """
 
 import json
@@ -12,11 +14,14 @@ import pytest
 from conftest import make_workspace, run_stage, stage_env
 
 STAGES = ["check_params", "lr_range_test", "train", "evaluate", "gallery"]
-MEASURED = {"seconds_total", "seconds_training", "seconds_per_epoch", "images_per_second"}
+MEASURED = {"seconds_total", "seconds_training", "seconds_per_epoch", "per_epoch", "images_per_second"}
+
+
+FOLDERS = ("data", "metrics", "plots", "models", "timing", "dvclive")
 
 
 def _outputs(ws):
-    return {str(p.relative_to(ws)): p.read_bytes() for folder in ("data", "metrics", "plots", "models", "timing")
+    return {str(p.relative_to(ws)): p.read_bytes() for folder in FOLDERS
             for p in sorted((ws / folder).rglob("*")) if p.is_file() and "cifar-10-batches-py" not in p.parts}
 
 
@@ -37,7 +42,10 @@ def test_every_output_is_written(two_runs):
     first, _ = two_runs
     assert {"data/params_checked.txt", "models/model.pt", "models/predictions.npz", "models/summary.txt",
             "metrics/train.json", "metrics/evaluate.json", "plots/history.tsv", "plots/gallery.png",
-            "timing/train.json"} <= set(first)
+            "timing/train.json", "dvclive/metrics.json", "dvclive/plots/metrics/test_acc.tsv"} <= set(first)
+    for path, data in first.items():
+        if path.startswith("dvclive/"):
+            assert b"timestamp" not in data, path  # no wall-clock column in the live files
 
 
 def test_two_identical_runs_give_the_same_bytes(two_runs):
