@@ -18,12 +18,25 @@ see a plain `python stage args...`. The other ranks log nothing and wait at the 
 from __future__ import annotations
 
 import os
+import select
 import re
 import runpy
 import sys
 from pathlib import Path
 
 EPOCH_LINE = re.compile(r"epoch\s+(\d+)/\d+")
+
+
+def wait_for_release(fifo: str) -> None:
+    """Block until the FIFO has data or its writer closed it. Waiting in short select() calls, not one blocking
+    read: a signal (SIGINT) that lands just before a blocking read would not interrupt it, and the child would wait
+    forever; between select() calls Python runs the signal's handler. The wait ends on state, not on time."""
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the test holds the other end open: no wait here
+    try:
+        while not select.select([fd], [], [], 0.1)[0]:
+            pass
+    finally:
+        os.close(fd)
 
 
 def holding(log, epoch: int, fifo: str):
@@ -35,8 +48,7 @@ def holding(log, epoch: int, fifo: str):
         if found and int(found.group(1)) == epoch:
             sys.stdout.flush()
             sys.stderr.flush()
-            with open(fifo, encoding="utf-8") as release:  # the test holds the FIFO's other end
-                release.readline()
+            wait_for_release(fifo)
 
     return held_log
 
