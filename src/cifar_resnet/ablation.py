@@ -52,6 +52,7 @@ import yaml
 
 from cifar_resnet import study
 from cifar_resnet.atomic import atomic_path, write_text
+from cifar_resnet.entry import run_command
 from cifar_resnet.errors import CifarResnetError
 from cifar_resnet.paths import EVALUATE_JSON, TRAIN_HISTORY, TRAIN_JSON, TRAIN_TIMING
 
@@ -379,16 +380,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        run_row(args.row, args.set, args.seed, args.val_size, args.device, args.on)
-    except CifarResnetError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print(f"interrupted: no row written; run the same command again (finished experiments of row {args.row} "
-              "are reused)", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(lambda: run_row(args.row, args.set, args.seed, args.val_size, args.device, args.on),
+                       f"no row written; run the same command again (finished experiments of row {args.row} "
+                       "are reused)")
 
 
 if __name__ == "__main__":

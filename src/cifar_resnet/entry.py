@@ -19,14 +19,22 @@ def run_stage(main, description: str) -> None:
                                      epilog="Every knob is read from params.yaml; run the stage through `dvc repro`.")
     parser.parse_args()
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a polite kill unwinds like Ctrl-C: temp files are removed
+    code = run_command(main, "no final outputs were written; run the stage again to resume")
+    if code:
+        sys.exit(code)
+
+
+def run_command(work, interrupted: str) -> int:
+    """Run `work()`; a user error prints one `error:` line (exit code 1), Ctrl-C prints `interrupted: ...` (130)."""
     try:
-        main()
+        work()
     except CifarResnetError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted: no final outputs were written; run the stage again to resume", file=sys.stderr)
-        sys.exit(130)
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return 130
+    return 0
 
 
 def log(message: str) -> None:

@@ -39,6 +39,7 @@ import pandas as pd
 import yaml
 
 from cifar_resnet.atomic import atomic_path, write_json
+from cifar_resnet.entry import run_command
 from cifar_resnet.errors import CifarResnetError
 from cifar_resnet.paths import EVALUATE_JSON, TRAIN_JSON, TRAIN_TIMING
 
@@ -592,16 +593,10 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        run_study(args.name, parse_seeds(args.seeds), overrides_of(args), reuse_workspace=not args.no_workspace)
-    except CifarResnetError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print(f"interrupted: the seeds that finished are in {STUDIES / args.name}/runs.csv; run the same command "
-              "again to go on", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(lambda: run_study(args.name, parse_seeds(args.seeds), overrides_of(args),
+                                         reuse_workspace=not args.no_workspace),
+                       f"the seeds that finished are in {STUDIES / args.name}/runs.csv; run the same command again "
+                       "to go on")
 
 
 if __name__ == "__main__":
