@@ -22,7 +22,7 @@ from cifar_resnet.data import expected_md5s, load_cifar10  # noqa: E402
 from cifar_resnet.distributed import Dist, process_group, relaunch_under_torchrun, under_torchrun  # noqa: E402
 from cifar_resnet.entry import log, quiet, run_stage  # noqa: E402
 from cifar_resnet.errors import CifarResnetError, DivergedError  # noqa: E402
-from cifar_resnet.live import LiveHistory  # noqa: E402
+from cifar_resnet.live import LiveHistory, wanted as live_wanted  # noqa: E402
 from cifar_resnet.model import save_trained, summary  # noqa: E402
 from cifar_resnet.paths import (DATA_DIR, LR_RANGE_JSON, MODEL, MODEL_SUMMARY, TRAIN_HISTORY,  # noqa: E402
                                 TRAIN_JSON, TRAIN_TIMING)
@@ -57,8 +57,9 @@ def run(params, dist: Dist) -> None:
         checkpoint.claim(key, identity, log=say)
     say(f"train: {len(data.train_images)} images ({len(data.val_images)} held out for validation), "
         f"LRMAX {lr_max:.4g} from {source}, LRMIN {lr_min:.4g}, {runtime.describe()}, {dist.world_size} process(es)")
-    # Live per-epoch metrics (dvclive/, apart from the final files below): rank 0 writes them after every epoch.
-    live = LiveHistory() if dist.is_main else None
+    # Live per-epoch metrics (dvclive/, apart from the final files below): rank 0 writes them after every epoch
+    # (unless CIFAR_RESNET_LIVE=off: a run without DVC).
+    live = LiveHistory() if dist.is_main and live_wanted() else None
     try:
         result = train(params, data, mean, std, lr_max, lr_min, runtime, dist, run_key=key, log=say, on_epoch=live)
     except DivergedError:
@@ -96,8 +97,10 @@ def write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min
     write_tsv(TRAIN_HISTORY, result.history)
     write_json(TRAIN_TIMING, timing)
     write_json(TRAIN_JSON, metrics)
-    log(f"done: test accuracy {last.get('test_acc', float('nan')):.4f} after {params.train.epochs} epochs "
-        f"({timing['seconds_total']:.0f} s, {result.images_per_second:.0f} img/s)")
+    split = next((s for s in ("test", "val") if f"{s}_acc" in last), None)
+    score = f"{split} accuracy {last[f'{split}_acc']:.4f}" if split else "no per-epoch evaluation"
+    log(f"done: {score} after {params.train.epochs} epochs ({timing['seconds_total']:.0f} s, "
+        f"{result.images_per_second:.0f} img/s)")
 
 
 if __name__ == "__main__":

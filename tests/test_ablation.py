@@ -21,7 +21,8 @@ from cifar_resnet.ablation import AblationError
 def row(name, sets="", seed=0, acc=0.9, **extra):
     return {"row": name, "set": sets, "seed": seed, "val_size": 5000, "val_accuracy_none": acc,
             "val_accuracy_flip": acc + 0.004, "val_accuracy_flip_translate": acc + 0.006, "lr_max": 0.4,
-            "train_seconds": 3612.5, "device": "cpu", "hardware": "Some CPU", "code_hash": "1e55555555555555",
+            "train_seconds": 3612.5, "device": "cpu", "hardware": "Some CPU", "runner": "dvc exp run",
+            "code_hash": "1e55555555555555",
             "commit": "a" * 40, **extra}
 
 
@@ -110,12 +111,13 @@ def test_rows_and_table_round_trip(in_tmp):
     header = next(line for line in lines if line.startswith("| row"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
         "row", "cumulative set", "seed", "val images", "val acc, no TTA", "flip TTA", "flip+translate TTA",
-        "LRMAX", "train wall time", "hardware"]
+        "LRMAX", "train wall time", "hardware", "run by"]
     body = [line for line in lines if line.startswith("| ") and line is not header]
     assert len(body) == 2
     assert "| baseline " in body[0] and "(params.yaml)" in body[0] and "90.00 %" in body[0]
     assert "90.40 %" in body[0] and "90.60 %" in body[0] and "3612 s (60.2 min)" in body[0]
     assert "ls\\|x" in body[1] and "`train.label_smoothing=0.2`" in body[1] and "| 61 s " in body[1]
+    assert all(line.rstrip().endswith("| dvc exp run |") for line in body)
     assert "no test accuracy was computed" in table
     ablation.write_rows(back)
     assert (in_tmp / "studies/ablation/table.md").read_text() == table  # the same rows, the same bytes
@@ -353,3 +355,60 @@ def test_a_row_whose_write_was_lost_reuses_its_experiments_and_other_params_are_
     assert result.stdout.count("already run with these params and code, not run again") == 3, result.stdout
     assert "Running stage" not in result.stdout and repo.experiments() == before
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == files  # the same row, byte for byte
+
+
+# ---------------------------------------------------------------------------------------------- --on best, no DVC
+
+
+def test_on_best_takes_the_set_of_the_row_with_the_best_flip_tta_accuracy(in_tmp):
+    with pytest.raises(AblationError, match="--on best: no row"):
+        ablation.resolve_sets(ablation.read_rows(), ["train.ema_decay=0.99"], "best")
+    rows = pd.DataFrame([row("baseline", acc=0.90), row("ls", "train.label_smoothing=0.2", acc=0.91),
+                         row("ema", "train.label_smoothing=0.2 train.ema_decay=0.99", acc=0.905),
+                         row("tie", "train.frozen_bn_scales=true", acc=0.91)], columns=ablation.COLUMNS)
+    assert ablation.best_row(rows) == "ls"  # the earlier of two equal rows
+    assert ablation.resolve_sets(rows, ["augment.flip=alternate"], "best") == [
+        "train.label_smoothing=0.2", "augment.flip=alternate"]
+    with pytest.raises(AblationError, match="row name 'best'"):
+        ablation.run_row("best", [])
+
+
+def test_commit_goes_with_without_dvc_only(capsys):
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["r", "--commit", "abc"])
+    assert "--commit goes with --without-dvc" in capsys.readouterr().err
+    args = ablation.parse_args(["r", "--without-dvc", "--commit", "abc", "--on", "best"])
+    assert args.without_dvc and args.commit == "abc" and args.on == "best"
+
+
+@pytest.mark.slow
+def test_a_row_without_dvc_runs_the_stage_commands_once_and_records_how(tmp_path, mirror):
+    """The same row without DVC (a GPU box has none): one training, three evaluations, no test number, runner and
+    commit recorded, the code hash the same as the DVC way's, the workspace untouched."""
+    env = stage_env(tmp_path / "cache", CIFAR10_MIRROR=str(mirror), PYTHONPATH=str(tmp_path / "repo" / "src"))
+    repo = copy_repo(tmp_path / "repo", env, AblationRepo)
+    sets = [a for s in TINY for a in ("--set", s)]
+    result = repo.ablation("tiny", *sets, "--val-size", "256", "--device", "cpu", "--without-dvc", "--commit", "c0ffee")
+    out = result.stdout + result.stderr
+    assert out.count("stage train (without DVC") == 1 and out.count("stage evaluate (without DVC") == 3, out
+    assert out.count("stage lr_range_test (without DVC") == 1 and "stage gallery" not in out, out
+    assert out.count("evaluate: val accuracy") == 3 and "test accuracy" not in out, out
+    assert out.count("done: val accuracy") == 1, out
+    rows = ablation.read_rows(repo.path / "studies/ablation/runs.csv")
+    r = rows.iloc[0]
+    assert len(rows) == 1 and r["runner"] == "stage commands without DVC" and r["commit"] == "c0ffee"
+    assert ablation.parse_sets(r["set"]) == TINY and r["val_size"] == 256 and r["device"] == "cpu"
+    for column in ("val_accuracy_none", "val_accuracy_flip", "val_accuracy_flip_translate"):
+        assert 0 <= r[column] <= 1, column
+    accuracies = [float(line.split()[3].rstrip(",")) for line in out.splitlines()
+                  if line.startswith("evaluate: val accuracy")]
+    assert [round(a, 4) for a in accuracies] == [round(r[c], 4) for c in (
+        "val_accuracy_none", "val_accuracy_flip", "val_accuracy_flip_translate")]
+    code = repo.run(sys.executable, "-c", "from cifar_resnet import study; "
+                    "print(study.code_hash(study.current_code(study.dvc_yaml_graph())))").stdout.strip()
+    assert r["code_hash"] == code
+    assert "| stage commands without DVC |" in (repo.path / "studies/ablation/table.md").read_text()
+    status = repo.run("git", "status", "--porcelain").stdout
+    assert status == "?? studies/\n", status
+    again = repo.ablation("tiny", *sets, "--val-size", "256", "--without-dvc", "--commit", "c0ffee", check=False)
+    assert again.returncode == 1 and "already in" in again.stderr + again.stdout and "stage " not in again.stdout

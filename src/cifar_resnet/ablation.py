@@ -34,7 +34,13 @@ the best set so far: `--on` the best row), cheapest and most certain first:
   6. alternating flip     make ablation ROW=alternate-flip ON=frozen-bn SET="augment.flip=alternate"
   7. whitening            make ablation ROW=whitening ON=alternate-flip SET="model.whitening=true"
   8. CELU, only if still short:  SET="model.activation=celu"
-(Where a trick does not help, the next row goes `--on` the row before it.) The table's numbers are validation
+(Where a trick does not help, the next row goes `--on` the row before it: `--on best` picks the row with the
+highest validation accuracy with flip TTA so far.)
+
+Without DVC (a lent GPU box has torch but not DVC): `--without-dvc` runs the same stage commands from dvc.yaml in a
+scratch folder (every stage up to evaluate once, then evaluate alone for the other two TTAs), with the same
+refusals of test numbers; runs.csv's `runner` column says which way each row ran, and `--commit SHA` records the
+commit where the copy has no git (its code_hash pins the code either way). The table's numbers are validation
 accuracies; the test split is for the one final run of the chosen recipe, outside this command.
 """
 
@@ -45,12 +51,13 @@ import json
 import re
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from cifar_resnet import study
+from cifar_resnet import study, without_dvc
 from cifar_resnet.atomic import atomic_path, write_text
 from cifar_resnet.entry import run_command
 from cifar_resnet.errors import CifarResnetError
@@ -64,8 +71,11 @@ VAL_SIZE = 5000
 # evaluate.tta value -> the runs.csv column suffix and the experiment name suffix (none: the row's own name)
 TTAS = {"none": "none", "flip": "flip", "flip+translate": "flip_translate"}
 COLUMNS = ["row", "set", "seed", "val_size", *(f"val_accuracy_{c}" for c in TTAS.values()), "lr_max",
-           "train_seconds", "device", "hardware", "code_hash", "commit"]
-TEXT_COLUMNS = {"row": str, "set": str, "device": str, "hardware": str, "code_hash": str, "commit": str}
+           "train_seconds", "device", "hardware", "runner", "code_hash", "commit"]
+TEXT_COLUMNS = {"row": str, "set": str, "device": str, "hardware": str, "runner": str, "code_hash": str,
+                "commit": str}
+RUNNERS = {False: "dvc exp run", True: "stage commands without DVC"}
+BEST = "best"  # --on best: the row with the highest validation accuracy with flip TTA so far
 # Keys this command sets itself: --set may not give them.
 CONTROLLED = {"seed": "--seed", "data.val_size": "--val-size", "train.eval_split": "(always val)",
               "evaluate.split": "(always val)", "evaluate.tta": "(every row has all three)", "train.device": "--device"}
@@ -176,8 +186,9 @@ def table_frame(rows: pd.DataFrame) -> pd.DataFrame:
         "LRMAX": [f"{float(v):.4g}" for v in rows["lr_max"]],
         "train wall time": [seconds(v) for v in rows["train_seconds"]],
         "hardware": [cell(h) for h in rows["hardware"]],
+        "run by": [cell(r) for r in rows["runner"]],
     }, columns=["row", "cumulative set", "seed", "val images", "val acc, no TTA", "flip TTA", "flip+translate TTA",
-                "LRMAX", "train wall time", "hardware"])
+                "LRMAX", "train wall time", "hardware", "run by"])
 
 
 def pipe_table(frame: pd.DataFrame) -> str:
@@ -207,8 +218,14 @@ def markdown_table(rows: pd.DataFrame) -> str:
 
 
 def make_numbers(read, seed, code: dict, source: str) -> dict:
-    """`study.read_run`'s row maker for an ablation experiment: its validation numbers, and a refusal of any test
-    number it holds."""
+    """`study.read_run`'s row maker for an ablation experiment: its validation numbers (a refusal of any test number
+    it holds), and the train stage's outputs as its dvc.lock records them."""
+    lock = yaml.safe_load(read("dvc.lock").decode())["stages"]["train"]
+    return {**validation_numbers(read, code, source), "train_outs": {o["path"]: o.get("md5") for o in lock["outs"]}}
+
+
+def validation_numbers(read, code: dict, source: str) -> dict:
+    """The validation numbers of a run whose files `read` gives; AblationError if it holds any test number."""
     evaluate, train, timing = (study.load_file(read, rel.as_posix(), json.loads, source)
                                for rel in (EVALUATE_JSON, TRAIN_JSON, TRAIN_TIMING))
     history = read(TRAIN_HISTORY.as_posix())
@@ -220,11 +237,10 @@ def make_numbers(read, seed, code: dict, source: str) -> dict:
                             "split; the row is not written")
     if history is None or "val_accuracy" not in evaluate or evaluate.get("split") != "val":
         raise AblationError(f"{source}: no validation accuracy in {EVALUATE_JSON} (or no {TRAIN_HISTORY})")
-    lock = yaml.safe_load(read("dvc.lock").decode())["stages"]["train"]
     return {"val_accuracy": float(evaluate["val_accuracy"]), "tta": evaluate.get("tta", "none"),
             "lr_max": float(train["lr_max"]), "train_seconds": float(timing["seconds_total"]),
             "device": str(timing.get("device", "")), "hardware": study.hardware_of(timing),
-            "code_hash": study.code_hash(code), "train_outs": {o["path"]: o.get("md5") for o in lock["outs"]}}
+            "code_hash": study.code_hash(code)}
 
 
 def test_numbers(read, paths: list[str]) -> list[str]:
@@ -317,47 +333,118 @@ def check_trained_once(numbers: dict[str, dict], row: str) -> None:
 # ---------------------------------------------------------------------------------------------- one row
 
 
+def numbers_without_dvc(row: str, wanted: dict[str, list[str]], code: dict, graph: dict) -> dict[str, dict]:
+    """The row's three evaluations run by `without_dvc` in one scratch folder: every stage up to the evaluate stage
+    once, then the evaluate stage alone again for each other TTA, on the same weights (nothing trains twice)."""
+    writer = {out: name for name, (_, outs) in graph.items() for out in outs}
+    evaluator = writer[EVALUATE_JSON.as_posix()]
+    outputs = [out for name in ("train", evaluator) for out in graph[name][1]]
+    numbers = {}
+    with tempfile.TemporaryDirectory(prefix=f"ablation-{row}-") as tmp:
+        folder = Path(tmp)
+        for tta, overrides in wanted.items():
+            names = study.row_stages(graph) if not numbers else {evaluator}
+            without_dvc.run_stages(folder, names, overrides, say=say)
+            read = folder_reader(folder)
+            source = f"row {row}, evaluate.tta={tta} (without DVC)"
+            numbers[tta] = validation_numbers(read, code, source)
+            found = test_numbers(read, files_under(folder, outputs))
+            if found:
+                raise AblationError(f"{source} holds test numbers ({'; '.join(found)}): choosing must not see the "
+                                    "test split; the row is not written")
+            if numbers[tta]["tta"] != tta:
+                raise AblationError(f"{source}: evaluated with TTA {numbers[tta]['tta']}, not {tta}")
+    return numbers
+
+
+def folder_reader(folder: Path):
+    def read(rel: str) -> bytes | None:
+        path = folder / rel
+        return path.read_bytes() if path.is_file() else None
+    return read
+
+
+def files_under(folder: Path, outputs: list[str]) -> list[str]:
+    """The files (relative paths) of the outputs `outputs` in `folder`, folders listed file by file."""
+    found = []
+    for out in outputs:
+        path = folder / out
+        found += [out] if path.is_file() else sorted(p.relative_to(folder).as_posix() for p in path.rglob("*")
+                                                    if p.is_file())
+    return found
+
+
+def best_row(rows: pd.DataFrame) -> str:
+    """`--on best`: the row with the highest validation accuracy with flip TTA (the earlier one on a tie)."""
+    if rows.empty:
+        raise AblationError(f"--on {BEST}: no row in {RUNS} yet")
+    return str(rows.loc[rows["val_accuracy_flip"].astype(float).idxmax(), "row"])
+
+
+def resolve_sets(rows: pd.DataFrame, sets: list[str], on: str | None) -> list[str]:
+    if on is None:
+        return cumulative_sets([], sets)
+    if on == BEST:
+        on = best_row(rows)
+        say(f"--on {BEST}: row {on}")
+    earlier = rows[rows["row"] == on]
+    if earlier.empty:
+        raise AblationError(f"--on {on}: no such row in {RUNS}")
+    return cumulative_sets(parse_sets(earlier["set"].iloc[0]), sets)
+
+
 def run_row(row: str, sets: list[str], seed: int = 0, val_size: int = VAL_SIZE, device: str | None = None,
-            on: str | None = None) -> dict:
-    """Train and evaluate one row (three evaluations of one training run); append it to runs.csv, rewrite table.md."""
-    if not re.fullmatch(ROW_NAME, row):
+            on: str | None = None, dvc: bool = True, commit: str | None = None) -> dict:
+    """Train and evaluate one row (three evaluations of one training run); append it to runs.csv, rewrite table.md.
+
+    `dvc=False` runs the stage commands without DVC (`without_dvc`), for a machine without it; `commit` then names
+    the commit the code is at where there is no git checkout to ask (the code_hash pins the code either way)."""
+    if not re.fullmatch(ROW_NAME, row) or row == BEST:
         raise AblationError(f"row name {row!r}: letters and digits, single '_', '.' or '-' between them (it names "
-                            "DVC experiments)")
+                            f"DVC experiments), and not {BEST!r}")
     if not Path("dvc.yaml").is_file() or not Path("params.yaml").is_file():
         raise AblationError("no dvc.yaml and params.yaml here: run the ablation from the repository root")
     if val_size <= 0:
         raise AblationError(f"--val-size: expected a number of images above 0, got {val_size}")
     check_sets(sets)
     rows = read_rows()
-    if on is not None:
-        earlier = rows[rows["row"] == on]
-        if earlier.empty:
-            raise AblationError(f"--on {on}: no such row in {RUNS}")
-        sets = cumulative_sets(parse_sets(earlier["set"].iloc[0]), sets)
-    else:
-        sets = cumulative_sets([], sets)
+    sets = resolve_sets(rows, sets, on)
     refuse_existing(rows, row, sets, seed, val_size)
     graph = study.dvc_yaml_graph()
     code = study.current_code(graph)
-    study.check_tracked(code)
-    targets = study.row_targets(graph)
     wanted = {tta: row_overrides(sets, seed, val_size, device, tta) for tta in TTAS}
-    configs = {tta: study.Config(study.wanted_params(o), code) for tta, o in wanted.items()}  # validates first
-    baseline = study.head()
-    numbers = {tta: experiment(experiment_name(row, tta), wanted[tta], configs[tta], targets, baseline)
-               for tta in TTAS}
-    check_trained_once(numbers, row)
+    if dvc:
+        numbers, commit = numbers_with_dvc(row, wanted, code, graph)
+    else:
+        commit = commit or study.head()
+        raw = yaml.safe_load(Path("params.yaml").read_text()) or {}
+        for overrides in wanted.values():
+            without_dvc.apply_overrides(raw, overrides)  # validates all three before anything runs
+        numbers = numbers_without_dvc(row, wanted, code, graph)
     base = numbers["none"]
     new = {"row": row, "set": join_sets(sets), "seed": seed, "val_size": val_size,
            **{f"val_accuracy_{c}": numbers[tta]["val_accuracy"] for tta, c in TTAS.items()},
            "lr_max": base["lr_max"], "train_seconds": base["train_seconds"], "device": base["device"],
-           "hardware": base["hardware"], "code_hash": base["code_hash"], "commit": baseline}
+           "hardware": base["hardware"], "runner": RUNNERS[not dvc], "code_hash": base["code_hash"],
+           "commit": commit}
     rows = read_rows()  # again: another command may have added a row meanwhile
     refuse_existing(rows, row, sets, seed, val_size)
     write_rows(pd.DataFrame(rows.to_dict("records") + [new], columns=COLUMNS))
     say(f"row {row}: validation accuracy " + ", ".join(f"{numbers[t]['val_accuracy']:.4f} ({t})" for t in TTAS)
         + f"; train {base['train_seconds']:.0f} s on {base['hardware']}; in {RUNS} and {TABLE}")
     return new
+
+
+def numbers_with_dvc(row: str, wanted: dict[str, list[str]], code: dict, graph: dict) -> tuple[dict, str]:
+    """The row's three evaluations as DVC experiments (one training run, from DVC's run-cache after the first)."""
+    study.check_tracked(code)
+    targets = study.row_targets(graph)
+    configs = {tta: study.Config(study.wanted_params(o), code) for tta, o in wanted.items()}  # validates first
+    baseline = study.head()
+    numbers = {tta: experiment(experiment_name(row, tta), wanted[tta], configs[tta], targets, baseline)
+               for tta in TTAS}
+    check_trained_once(numbers, row)
+    return numbers, baseline
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -370,17 +457,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("row", help="the row's name (letters, digits, single _ . -): experiments ablation-ROW...")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a params override, as `dvc exp run -S` takes it (repeatable): the trick(s) of the row")
-    parser.add_argument("--on", metavar="ROW", help="an earlier row whose set comes first (the cumulative set)")
+    parser.add_argument("--on", metavar="ROW", help="an earlier row whose set comes first (the cumulative set); `best`: the row with the highest "
+                             "validation accuracy with flip TTA so far")
     parser.add_argument("--seed", type=int, default=0, help="the seed (default 0)")
     parser.add_argument("--val-size", type=int, default=VAL_SIZE,
                         help=f"data.val_size: training images held out for validation (default {VAL_SIZE})")
     parser.add_argument("--device", help="train.device for the run (cuda, cpu, mps, auto)")
-    return parser.parse_args(argv)
+    parser.add_argument("--without-dvc", action="store_true",
+                        help="run the stage commands without DVC, in a scratch folder (a machine without DVC, such "
+                             "as a lent GPU box): the same code and numbers, recorded with runner 'stage commands "
+                             "without DVC'")
+    parser.add_argument("--commit", help="with --without-dvc where there is no git checkout: the commit the code is "
+                                         "at (recorded; the code_hash pins the code either way)")
+    args = parser.parse_args(argv)
+    if args.commit and not args.without_dvc:
+        parser.error("--commit goes with --without-dvc (DVC experiments start from HEAD)")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run_command(lambda: run_row(args.row, args.set, args.seed, args.val_size, args.device, args.on),
+    return run_command(lambda: run_row(args.row, args.set, args.seed, args.val_size, args.device, args.on,
+                                       dvc=not args.without_dvc, commit=args.commit),
                        f"no row written; run the same command again (finished experiments of row {args.row} "
                        "are reused)")
 

@@ -19,12 +19,19 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cifar_resnet.paths import LIVE_METRICS
 
 LIVE_DIR = LIVE_METRICS.parent
 STEP = "epoch"  # the history column that is DVCLive's step
+# `off` where DVC is not installed (cifar_resnet.without_dvc): DVCLive imports DVC, and nothing would read the files.
+LIVE_ENV = "CIFAR_RESNET_LIVE"
+
+
+def wanted() -> bool:
+    return os.environ.get(LIVE_ENV, "on") != "off"
 
 
 class LiveHistory:
