@@ -18,6 +18,9 @@ from cifar_resnet import ablation
 from cifar_resnet.ablation import AblationError
 
 
+CODE = "1e55555555555555"
+
+
 def row(name, sets="", seed=0, acc=0.9, **extra):
     return {"row": name, "set": sets, "seed": seed, "val_size": 5000, "val_accuracy_none": acc,
             "val_accuracy_flip": acc + 0.004, "val_accuracy_flip_translate": acc + 0.006, "lr_max": 0.4,
@@ -91,11 +94,22 @@ def test_the_overrides_are_valid_params(monkeypatch):
 def test_an_existing_row_name_or_configuration_is_refused():
     rows = pd.DataFrame([row("baseline"), row("ls", "train.label_smoothing=0.2")], columns=ablation.COLUMNS)
     with pytest.raises(AblationError, match=r"row baseline is already in studies/ablation/runs\.csv \(seed 0\)"):
-        ablation.refuse_existing(rows, "baseline", ["train.ema_decay=0.99"], 1, 5000)
-    with pytest.raises(AblationError, match="row ls in .* already has this set, seed 0 and val_size 5000"):
-        ablation.refuse_existing(rows, "ls-again", ["train.label_smoothing=0.2"], 0, 5000)
-    ablation.refuse_existing(rows, "ls-seed1", ["train.label_smoothing=0.2"], 1, 5000)  # another seed: a new row
-    ablation.refuse_existing(rows, "ls-val", ["train.label_smoothing=0.2"], 0, 1000)
+        ablation.refuse_existing(rows, "baseline", ["train.ema_decay=0.99"], 1, 5000, CODE)
+    with pytest.raises(AblationError, match="row ls in .* already has this set, seed 0 and val_size 5000 on this"):
+        ablation.refuse_existing(rows, "ls-again", ["train.label_smoothing=0.2"], 0, 5000, CODE)
+    ablation.refuse_existing(rows, "ls-seed1", ["train.label_smoothing=0.2"], 1, 5000, CODE)  # another seed
+    ablation.refuse_existing(rows, "ls-val", ["train.label_smoothing=0.2"], 0, 1000, CODE)
+    ablation.refuse_existing(rows, "ls-fixed", ["train.label_smoothing=0.2"], 0, 5000, "2" * 16)  # other code
+
+
+def test_the_table_names_the_gpus_of_rows_written_with_a_list():
+    assert ablation.hardware_name("['NVIDIA H200']") == "NVIDIA H200"
+    assert ablation.hardware_name("['NVIDIA H100', 'NVIDIA H100']") == "NVIDIA H100, NVIDIA H100"
+    assert ablation.hardware_name("AMD EPYC") == "AMD EPYC"
+    from cifar_resnet.study import hardware_of
+
+    assert hardware_of({"device": "cuda", "gpu": ["NVIDIA H200", "NVIDIA H200"]}) == "NVIDIA H200, NVIDIA H200"
+    assert hardware_of({"device": "cpu", "cpu": "AMD EPYC", "gpu": None}) == "AMD EPYC"
 
 
 def test_rows_and_table_round_trip(in_tmp):

@@ -193,7 +193,8 @@ def test_ema_after_k_updates_equals_its_closed_form():
         if not first.is_floating_point():  # the batch counter is copied, as of the last update
             assert torch.equal(ema.state[key], averaged[-1][key]), key
             continue
-        closed = decay ** k * first + sum((1 - decay) * decay ** (k - 1 - j) * averaged[j][key] for j in range(k))
+        rho = decay ** every  # the decay is per step; an update covers `every` of them (Page's update_ema)
+        closed = rho ** k * first + sum((1 - rho) * rho ** (k - 1 - j) * averaged[j][key] for j in range(k))
         torch.testing.assert_close(ema.state[key], closed, rtol=1e-12, atol=1e-12, msg=key)
     target = copy.deepcopy(model)
     ema.copy_to(target)

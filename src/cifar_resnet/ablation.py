@@ -143,15 +143,22 @@ def read_rows(path: Path = RUNS) -> pd.DataFrame:
                        na_values={c: [""] for c in COLUMNS if c not in TEXT_COLUMNS})
 
 
-def refuse_existing(rows: pd.DataFrame, row: str, sets: list[str], seed: int, val_size: int) -> None:
-    """A row name is used once; a configuration (set, seed, val_size) is run once, whatever the row's name."""
+def refuse_existing(rows: pd.DataFrame, row: str, sets: list[str], seed: int, val_size: int,
+                    code_hash: str) -> None:
+    """A row name is used once; a configuration (set, seed, val_size, code) is run once, whatever the row's name.
+    The same set on other code (a fixed bug) is a new row beside the old one, which stays in the table."""
+    refuse_name(rows, row)
     for _, r in rows.iterrows():
-        if r["row"] == row:
-            raise AblationError(f"row {row} is already in {RUNS} (seed {r['seed']}): a row is run once, never "
-                                "again to improve its number; choose another row name")
-        if sorted(parse_sets(r["set"])) == sorted(sets) and int(r["seed"]) == seed and int(r["val_size"]) == val_size:
+        if sorted(parse_sets(r["set"])) == sorted(sets) and int(r["seed"]) == seed and \
+                int(r["val_size"]) == val_size and r["code_hash"] == code_hash:
             raise AblationError(f"row {r['row']} in {RUNS} already has this set, seed {seed} and val_size "
-                                f"{val_size}: a configuration is run once")
+                                f"{val_size} on this code ({code_hash}): a configuration is run once")
+
+
+def refuse_name(rows: pd.DataFrame, row: str) -> None:
+    for _, r in rows[rows["row"] == row].iterrows():
+        raise AblationError(f"row {row} is already in {RUNS} (seed {r['seed']}): a row is run once, never "
+                            "again to improve its number; choose another row name")
 
 
 def write_rows(rows: pd.DataFrame) -> None:
@@ -185,10 +192,18 @@ def table_frame(rows: pd.DataFrame) -> pd.DataFrame:
         "flip+translate TTA": [percent(v) for v in rows["val_accuracy_flip_translate"]],
         "LRMAX": [f"{float(v):.4g}" for v in rows["lr_max"]],
         "train wall time": [seconds(v) for v in rows["train_seconds"]],
-        "hardware": [cell(h) for h in rows["hardware"]],
+        "hardware": [cell(hardware_name(h)) for h in rows["hardware"]],
         "run by": [cell(r) for r in rows["runner"]],
     }, columns=["row", "cumulative set", "seed", "val images", "val acc, no TTA", "flip TTA", "flip+translate TTA",
                 "LRMAX", "train wall time", "hardware", "run by"])
+
+
+def hardware_name(text: str) -> str:
+    """runs.csv's hardware cell for the table: rows written before study.hardware_of joined a GPU list hold the
+    list's repr (['NVIDIA H200']); the table shows the names."""
+    if text.startswith("[") and text.endswith("]"):
+        return ", ".join(name.strip().strip("'\"") for name in text[1:-1].split(","))
+    return text
 
 
 def pipe_table(frame: pd.DataFrame) -> str:
@@ -408,10 +423,11 @@ def run_row(row: str, sets: list[str], seed: int = 0, val_size: int = VAL_SIZE, 
         raise AblationError(f"--val-size: expected a number of images above 0, got {val_size}")
     check_sets(sets)
     rows = read_rows()
+    refuse_name(rows, row)
     sets = resolve_sets(rows, sets, on)
-    refuse_existing(rows, row, sets, seed, val_size)
     graph = study.dvc_yaml_graph()
     code = study.current_code(graph)
+    refuse_existing(rows, row, sets, seed, val_size, study.code_hash(code))
     wanted = {tta: row_overrides(sets, seed, val_size, device, tta) for tta in TTAS}
     if dvc:
         numbers, commit = numbers_with_dvc(row, wanted, code, graph)
@@ -428,7 +444,7 @@ def run_row(row: str, sets: list[str], seed: int = 0, val_size: int = VAL_SIZE, 
            "hardware": base["hardware"], "runner": RUNNERS[not dvc], "code_hash": base["code_hash"],
            "commit": commit}
     rows = read_rows()  # again: another command may have added a row meanwhile
-    refuse_existing(rows, row, sets, seed, val_size)
+    refuse_existing(rows, row, sets, seed, val_size, study.code_hash(code))
     write_rows(pd.DataFrame(rows.to_dict("records") + [new], columns=COLUMNS))
     say(f"row {row}: validation accuracy " + ", ".join(f"{numbers[t]['val_accuracy']:.4f} ({t})" for t in TTAS)
         + f"; train {base['train_seconds']:.0f} s on {base['hardware']}; in {RUNS} and {TABLE}")

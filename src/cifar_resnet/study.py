@@ -275,8 +275,9 @@ def hardware_of(timing: dict) -> str:
     if device == "cpu":
         return str(timing.get("cpu", ""))
     for key in ("gpu", "gpu_name", "device_name"):
-        if timing.get(key):
-            return str(timing[key])
+        names = timing.get(key)
+        if names:  # timing/train.json's `gpu` is a list: one name per visible device
+            return ", ".join(map(str, names)) if isinstance(names, list) else str(names)
     return f"{device} (model not recorded)"
 
 
