@@ -156,9 +156,10 @@ def refuse_existing(rows: pd.DataFrame, row: str, sets: list[str], seed: int, va
 
 
 def refuse_name(rows: pd.DataFrame, row: str) -> None:
-    for _, r in rows[rows["row"] == row].iterrows():
-        raise AblationError(f"row {row} is already in {RUNS} (seed {r['seed']}): a row is run once, never "
-                            "again to improve its number; choose another row name")
+    same = rows[rows["row"] == row]
+    if not same.empty:
+        raise AblationError(f"row {row} is already in {RUNS} (seed {same['seed'].iloc[0]}): a row is run once, "
+                            "never again to improve its number; choose another row name")
 
 
 def write_rows(rows: pd.DataFrame) -> None:
@@ -360,7 +361,7 @@ def numbers_without_dvc(row: str, wanted: dict[str, list[str]], code: dict, grap
         for tta, overrides in wanted.items():
             names = study.row_stages(graph) if not numbers else {evaluator}
             without_dvc.run_stages(folder, names, overrides, say=say)
-            read = folder_reader(folder)
+            read = study.folder_reader(folder)
             source = f"row {row}, evaluate.tta={tta} (without DVC)"
             numbers[tta] = validation_numbers(read, code, source)
             found = test_numbers(read, files_under(folder, outputs))
@@ -370,13 +371,6 @@ def numbers_without_dvc(row: str, wanted: dict[str, list[str]], code: dict, grap
             if numbers[tta]["tta"] != tta:
                 raise AblationError(f"{source}: evaluated with TTA {numbers[tta]['tta']}, not {tta}")
     return numbers
-
-
-def folder_reader(folder: Path):
-    def read(rel: str) -> bytes | None:
-        path = folder / rel
-        return path.read_bytes() if path.is_file() else None
-    return read
 
 
 def files_under(folder: Path, outputs: list[str]) -> list[str]:
@@ -427,7 +421,8 @@ def run_row(row: str, sets: list[str], seed: int = 0, val_size: int = VAL_SIZE, 
     sets = resolve_sets(rows, sets, on)
     graph = study.dvc_yaml_graph()
     code = study.current_code(graph)
-    refuse_existing(rows, row, sets, seed, val_size, study.code_hash(code))
+    code_hash = study.code_hash(code)
+    refuse_existing(rows, row, sets, seed, val_size, code_hash)
     wanted = {tta: row_overrides(sets, seed, val_size, device, tta) for tta in TTAS}
     if dvc:
         numbers, commit = numbers_with_dvc(row, wanted, code, graph)
@@ -441,10 +436,9 @@ def run_row(row: str, sets: list[str], seed: int = 0, val_size: int = VAL_SIZE, 
     new = {"row": row, "set": join_sets(sets), "seed": seed, "val_size": val_size,
            **{f"val_accuracy_{c}": numbers[tta]["val_accuracy"] for tta, c in TTAS.items()},
            "lr_max": base["lr_max"], "train_seconds": base["train_seconds"], "device": base["device"],
-           "hardware": base["hardware"], "runner": RUNNERS[not dvc], "code_hash": base["code_hash"],
-           "commit": commit}
+           "hardware": base["hardware"], "runner": RUNNERS[not dvc], "code_hash": code_hash, "commit": commit}
     rows = read_rows()  # again: another command may have added a row meanwhile
-    refuse_existing(rows, row, sets, seed, val_size, study.code_hash(code))
+    refuse_existing(rows, row, sets, seed, val_size, code_hash)
     write_rows(pd.DataFrame(rows.to_dict("records") + [new], columns=COLUMNS))
     say(f"row {row}: validation accuracy " + ", ".join(f"{numbers[t]['val_accuracy']:.4f} ({t})" for t in TTAS)
         + f"; train {base['train_seconds']:.0f} s on {base['hardware']}; in {RUNS} and {TABLE}")
@@ -473,8 +467,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("row", help="the row's name (letters, digits, single _ . -): experiments ablation-ROW...")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a params override, as `dvc exp run -S` takes it (repeatable): the trick(s) of the row")
-    parser.add_argument("--on", metavar="ROW", help="an earlier row whose set comes first (the cumulative set); `best`: the row with the highest "
-                             "validation accuracy with flip TTA so far")
+    parser.add_argument("--on", metavar="ROW",
+                        help="an earlier row whose set comes first (the cumulative set); `best`: the row with the "
+                             "highest validation accuracy with flip TTA so far")
     parser.add_argument("--seed", type=int, default=0, help="the seed (default 0)")
     parser.add_argument("--val-size", type=int, default=VAL_SIZE,
                         help=f"data.val_size: training images held out for validation (default {VAL_SIZE})")

@@ -205,9 +205,15 @@ def row_stages(graph: dict[str, tuple[list[str], list[str]]]) -> set[str]:
 # ---------------------------------------------------------------------------------------------- reading a run
 
 
-def workspace_reader(rel: str) -> bytes | None:
-    path = Path(rel)
-    return path.read_bytes() if path.is_file() else None
+def folder_reader(folder: Path):
+    """A reader of the files under `folder` (None for a missing one)."""
+    def read(rel: str) -> bytes | None:
+        path = folder / rel
+        return path.read_bytes() if path.is_file() else None
+    return read
+
+
+workspace_reader = folder_reader(Path("."))
 
 
 def git_reader(ref: str):
