@@ -481,6 +481,17 @@ def test_lr_min_is_lr_max_times_the_factor(lr_max, factor):
     assert isinstance(got_max, float) and isinstance(got_min, float)
 
 
+def test_resolve_lr_max_auto_with_no_pick_names_why_and_a_number_trains():
+    no_pick = {"lr_max": None, "lr_min": None, "no_pick": "lr_range_test: the smoothed loss was still falling"}
+    with pytest.raises(ParamsError) as info:
+        resolve_lr_max(parse_params({"lr_max": "auto"}), no_pick)
+    assert str(info.value).startswith("lr_max: 'auto' has no LRMAX to take: the lr_range_test stage picked none "
+                                      "(lr_range_test: the smoothed loss was still falling)")
+    assert "lr_max to a number" in str(info.value)
+    assert resolve_lr_max(parse_params({"lr_max": 0.4}), no_pick) == (pytest.approx(0.4), pytest.approx(0.004),
+                                                                       "params.yaml")
+
+
 def test_resolve_lr_max_auto_without_range_test_result():
     with pytest.raises(ParamsError) as info:
         resolve_lr_max(Params(), None)

@@ -8,7 +8,7 @@ import torch
 
 from cifar_resnet.config import parse_params
 from cifar_resnet.data import Cifar10
-from cifar_resnet.lr_range_test import RULE, RangeTestError, lr_at, pick_lr_max, run_range_test
+from cifar_resnet.lr_range_test import RULE, RangeTestError, lr_at, pick_lr_max, pick_result, run_range_test
 from cifar_resnet.runtime import pick_runtime
 
 N = 100
@@ -183,9 +183,33 @@ def test_run_range_test_batch_larger_than_the_data():
                        progress=False)
 
 
-def test_run_range_test_diverging_at_once_fails():
+def test_run_range_test_diverging_at_once_has_no_pick():
+    """No curve to read is no pick: the JSON says why (lr_max null), and the test does not fail by itself."""
     params = tiny_params(start_lr=1e4, end_lr=1e6)
     data = tiny_data(n=256)
-    with pytest.raises(RangeTestError, match="diverged after"):
-        run_range_test(params, data, *data.mean_std(), pick_runtime(params.train), log=lambda s: None,
-                       progress=False)
+    messages = []
+    result = run_range_test(params, data, *data.mean_std(), pick_runtime(params.train), log=messages.append,
+                            progress=False)
+    assert result["lr_max"] is None and result["lr_min"] is None
+    assert result["no_pick"].startswith("lr_range_test: diverged after") and result["stopped_on_divergence"]
+    assert result["iterations"] == len(result["curve"]) < 10
+    assert len(messages) == 1 and "NO LRMAX PICKED" in messages[0] and "diverged after" in messages[0]
+
+
+def test_pick_result_without_a_pick_keeps_the_curve_minimum_and_says_why():
+    still_falling = [2.3 - 0.01 * i for i in range(N)]
+    messages = []
+    result = pick_result(LRS, still_falling, 1.0, 0.01, stopped_early=False, log=messages.append)
+    assert result["lr_max"] is None and result["lr_min"] is None
+    assert result["no_pick"] == ("lr_range_test: the smoothed loss was still falling at the end of the range "
+                                 "(LR 10): raise lr_range_test.end_lr or num_iter")
+    assert result["lr_at_min_loss"] == pytest.approx(10.0) and result["min_smoothed_loss"] == pytest.approx(1.31)
+    assert result["iterations"] == N and result["stopped_on_divergence"] is False
+    assert "NO LRMAX PICKED" in messages[0]
+    # the same rule and fields as a pick, which has no no_pick key
+    picked = pick_result(LRS, u_curve(60), 2.0, 0.1, stopped_early=False, log=messages.append)
+    assert picked["lr_max"] == pytest.approx(LRS[60] / 2, rel=1e-5) and picked["lr_min"] == pytest.approx(
+        picked["lr_max"] * 0.1, rel=1e-5)
+    assert "no_pick" not in picked and set(result) - set(picked) == {"no_pick"}
+    assert picked["rule"] == result["rule"].replace("/ 1;", "/ 2;").replace("* 0.01", "* 0.1")
+    assert pick_result([], [], 1.0, 0.01, True, log=messages.append)["lr_at_min_loss"] is None

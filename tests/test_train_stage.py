@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, make_workspace, run_stage, stage_env
 
@@ -252,6 +253,28 @@ def test_lr_max_auto_without_range_test_fails_clearly(tmp_path):
     ws = make_workspace(tmp_path / "ws", lr_max="auto")
     result = _train(ws, tmp_path / "cache")
     assert result.returncode == 1 and "lr_range_test" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_range_test_without_a_pick_writes_its_curve_and_only_auto_fails(tmp_path):
+    """A range test that brackets no minimum (here: diverging at once) is not a failed stage: its curve, PNG and a
+    JSON that says why come out; train fails on it only with lr_max: auto, and trains with a number."""
+    ws = make_workspace(tmp_path / "ws", lr_max="auto", lr_range_test={"start_lr": 1e4, "end_lr": 1e6},
+                        train={"epochs": 2})
+    ranged = run_stage("lr_range_test", ws, stage_env(tmp_path / "cache"))
+    assert ranged.returncode == 0, ranged.stderr
+    assert "NO LRMAX PICKED" in ranged.stdout + ranged.stderr
+    result = json.loads((ws / "metrics/lr_range_test.json").read_text())
+    assert result["lr_max"] is None and result["no_pick"].startswith("lr_range_test: diverged after")
+    assert (ws / "plots/lr_range_test.png").stat().st_size > 0 and (ws / "plots/lr_range_test.tsv").is_file()
+    failed = _train(ws, tmp_path / "cache")
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert "lr_max: 'auto' has no LRMAX to take" in failed.stderr and "diverged after" in failed.stderr
+    assert not (ws / "metrics/train.json").exists()
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    (ws / "params.yaml").write_text(yaml.safe_dump({**params, "lr_max": 0.2}, sort_keys=False))
+    trained = _train(ws, tmp_path / "cache")
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads((ws / "metrics/train.json").read_text())["lr_source"] == "params.yaml"
 
 
 # ---------------------------------------------------------------------------------------------- two processes

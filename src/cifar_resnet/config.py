@@ -256,6 +256,10 @@ def resolve_lr_max(params: Params, range_test_result: dict | None) -> tuple[floa
     if params.lr_max == "auto":
         if range_test_result is None:
             raise ParamsError("lr_max: 'auto' needs metrics/lr_range_test.json; run the lr_range_test stage first")
+        if range_test_result.get("lr_max") is None and range_test_result.get("no_pick"):
+            raise ParamsError(f"lr_max: 'auto' has no LRMAX to take: the lr_range_test stage picked none "
+                              f"({range_test_result['no_pick']}). See plots/lr_range_test.png; change "
+                              "lr_range_test or set lr_max to a number (dvc exp run -S lr_max=0.4)")
         try:
             lr_max, source = float(range_test_result["lr_max"]), "lr_range_test"
         except (KeyError, TypeError, ValueError):

@@ -9,8 +9,11 @@ Pick rule: LRMAX = (LR at the minimum of the smoothed loss) / `divisor` (default
 noise that fools the raw steepest-gradient point; the EMA (beta 0.98, as in fastai's lr_find) lags the raw loss, which
 places the pick near the end of the falling stretch rather than at a single noisy dip. On the full data set this
 picks about 0.43, next to the 0.4 that Page's cifar10-fast uses for a mean loss. LRMIN = LRMAX * `lr_min_factor`.
-A minimum in the first or last tenth of the iterations run means the range did not bracket the useful LRs; that
-fails clearly instead of returning a pick at its edge.
+A minimum in the first or last tenth of the iterations run means the range did not bracket the useful LRs: then
+there is no pick (never one at the range's edge). The stage still writes the curve and its PNG, and its JSON says
+why under `no_pick` with `lr_max: null`; the train stage fails on it only when `lr_max` is `auto`, naming that
+reason. A set that pins `lr_max` to a number (the tricks' whitening and frozen BatchNorm scales, whose curves keep
+falling or pick a collapsing LR; README, "Tricks") trains without a pick.
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ def lr_at(i: int, start_lr: float, end_lr: float, num_iter: int) -> float:
 
 
 def pick_lr_max(lrs: list[float], smoothed: list[float], divisor: float, stopped_early: bool) -> tuple[float, int]:
-    """(LRMAX, index of the smoothed-loss minimum), or RangeTestError when the minimum sits at an edge."""
+    """(LRMAX, index of the smoothed-loss minimum), or RangeTestError when the minimum sits at an edge or the test
+    diverged before it had a curve to read."""
+    if len(smoothed) < 10:
+        raise RangeTestError(f"lr_range_test: diverged after {len(smoothed)} iterations, before any minimum: "
+                             "lower lr_range_test.start_lr")
     best = min(range(len(smoothed)), key=smoothed.__getitem__)
     edge = max(1, len(smoothed) // 10)
     if best < edge:
@@ -52,7 +59,8 @@ def pick_lr_max(lrs: list[float], smoothed: list[float], divisor: float, stopped
 
 
 def run_range_test(params, data, mean, std, runtime, log=print, progress: bool = True) -> dict:
-    """Train a fresh model with an exponentially growing LR; pick LRMAX from the smoothed loss curve."""
+    """Train a fresh model with an exponentially growing LR; pick LRMAX from the smoothed loss curve (or say why
+    there is no pick: `pick_result`)."""
     test, train_params = params.lr_range_test, params.train
     torch.manual_seed(params.seed)
     with torch.device("cpu"):  # as in training: weights drawn on the host, whitening fitted on the training split
@@ -91,20 +99,26 @@ def run_range_test(params, data, mean, std, runtime, log=print, progress: bool =
                 stopped_early = True
                 break
     bar.close()
-    if len(smoothed) < 10:
-        raise RangeTestError(f"lr_range_test: diverged after {len(smoothed)} iterations, before any minimum: "
-                             "lower lr_range_test.start_lr")
-    lr_max, best_index = pick_lr_max(lrs, smoothed, test.divisor, stopped_early)
-    log(f"lr range test: {len(lrs)} iterations, smoothed loss lowest at LR {lrs[best_index]:.4g}, "
+    result = pick_result(lrs, smoothed, test.divisor, params.lr_min_factor, stopped_early, log)
+    curve = [{"iteration": k + 1, "lr": round(lrs[k], 8), "loss": round(losses[k], 6),
+              "smoothed_loss": round(smoothed[k], 6)} for k in range(len(lrs))]
+    return {**result, "curve": curve}
+
+
+def pick_result(lrs: list[float], smoothed: list[float], divisor: float, lr_min_factor: float, stopped_early: bool,
+                log=print) -> dict:
+    """The stage's JSON without the curve: the pick, or `lr_max: null` and why there is none under `no_pick`."""
+    rule = RULE.replace("divisor", f"{divisor:g}").replace("lr_min_factor", f"{lr_min_factor:g}")
+    lowest = min(range(len(smoothed)), key=smoothed.__getitem__) if smoothed else None
+    common = {"lr_at_min_loss": None if lowest is None else round(lrs[lowest], 6),
+              "min_smoothed_loss": None if lowest is None else round(smoothed[lowest], 6),
+              "rule": rule, "iterations": len(lrs), "stopped_on_divergence": stopped_early}
+    try:
+        lr_max, _ = pick_lr_max(lrs, smoothed, divisor, stopped_early)
+    except RangeTestError as error:
+        log(f"lr range test: {len(lrs)} iterations, NO LRMAX PICKED: {error}. Training with lr_max: auto will fail; "
+            "a number in lr_max trains without the pick")
+        return {"lr_max": None, "lr_min": None, **common, "no_pick": str(error)}
+    log(f"lr range test: {len(lrs)} iterations, smoothed loss lowest at LR {lrs[lowest]:.4g}, "
         f"LRMAX = {lr_max:.4g}{' (stopped on divergence)' if stopped_early else ''}")
-    return {
-        "lr_max": round(lr_max, 6),
-        "lr_min": round(lr_max * params.lr_min_factor, 8),
-        "lr_at_min_loss": round(lrs[best_index], 6),
-        "min_smoothed_loss": round(smoothed[best_index], 6),
-        "rule": RULE.replace("divisor", f"{test.divisor:g}").replace("lr_min_factor", f"{params.lr_min_factor:g}"),
-        "iterations": len(lrs),
-        "stopped_on_divergence": stopped_early,
-        "curve": [{"iteration": k + 1, "lr": round(lrs[k], 8), "loss": round(losses[k], 6),
-                   "smoothed_loss": round(smoothed[k], 6)} for k in range(len(lrs))],
-    }
+    return {"lr_max": round(lr_max, 6), "lr_min": round(lr_max * lr_min_factor, 8), **common}
