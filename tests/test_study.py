@@ -135,6 +135,25 @@ def test_a_run_makes_a_row_with_its_code_hash():
                        "source": "fake"}
 
 
+def test_a_stale_gallery_entry_is_not_the_runs_code():
+    """`dvc exp run ... train evaluate` leaves the gallery's lock entry as it was: an older version of a file the
+    train stage also reads must not become the run's code (it made the study refuse every experiment)."""
+    files = fake_run()
+    lock = yaml.safe_load(files["dvc.lock"])
+    lock["stages"]["gallery"]["deps"].append({"path": "src/train.py", "hash": "md5", "md5": "0" * 32})
+    files["dvc.lock"] = yaml.safe_dump(lock).encode()
+    assert study.read_run(files.get, "fake").code == {"src/train.py": hashlib.md5(b"code").hexdigest()}
+
+
+def test_row_stages_that_record_two_versions_of_a_file_are_stale():
+    files = fake_run()
+    lock = yaml.safe_load(files["dvc.lock"])
+    lock["stages"]["evaluate"]["deps"].append({"path": "src/train.py", "hash": "md5", "md5": "0" * 32})
+    files["dvc.lock"] = yaml.safe_dump(lock).encode()
+    with pytest.raises(StaleRun, match=r"two versions of src/train\.py"):
+        study.read_run(files.get, "fake")
+
+
 @pytest.mark.parametrize("damage,message", [
     (lambda f: f.update({"metrics/evaluate.json": b'{"accuracy": 1.0}'}), "metrics/evaluate.json is not the file"),
     (lambda f: f.pop("timing/train.json"), "timing/train.json is not the file"),

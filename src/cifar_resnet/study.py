@@ -234,12 +234,22 @@ def read_run(read, source: str, make=None) -> Run:
     stages = lock.get("stages") or {}
     graph = {name: ([d["path"] for d in stage.get("deps") or []], [o["path"] for o in stage.get("outs") or []])
              for name, stage in stages.items()}
-    code_paths = source_files(graph)
-    hashes = {d["path"]: d.get("md5") for stage in stages.values() for d in stage.get("deps") or []}
     params = flatten(load_file(read, "params.yaml", yaml.safe_load, source))
     _check_lock(read, stages, graph, params, source)
-    code = {path: hashes[path] for path in code_paths}
+    hashes = _row_dep_hashes(stages, graph, source)
+    code = {path: hashes[path] for path in source_files(graph)}
     return Run(params, code, (make or make_row)(read, params["seed"], code, source))
+
+
+def _row_dep_hashes(stages: dict, graph: dict, source: str) -> dict:
+    """{path: md5} of the deps of the stages that make the row, as dvc.lock records them. Only those stages: an
+    experiment of the row stages leaves the gallery's entry as it was, so it may record an older file."""
+    hashes = {}
+    for name in sorted(row_stages(graph)):
+        for dep in stages[name].get("deps") or []:
+            if hashes.setdefault(dep["path"], dep.get("md5")) != dep.get("md5"):
+                raise StaleRun(f"{source}: dvc.lock records two versions of {dep['path']} (stage {name} and another)")
+    return hashes
 
 
 def load_file(read, rel: str, parse, source: str):
