@@ -7,7 +7,7 @@ export PYTHONPATH := $(abspath src)
 export DVC_NO_ANALYTICS := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: repro test bench install plots clean-checkpoints study pull gpu-check ablation
+.PHONY: repro test bench install plots clean-checkpoints study pull gpu-check ablation tricks tricks-study
 
 # The package is installed editable (no dependencies: requirements.txt pins them), so `python -m cifar_resnet.model`
 # works in the activated .venv; stage commands still put their own tree's src/ first (PYTHONPATH=src).
@@ -48,6 +48,21 @@ study: $(VENV)/.installed
 	$(if $(NAME),,$(error NAME is required: make study NAME=default SEEDS=0-4))
 	python -m cifar_resnet.study '$(NAME)' --seeds '$(SEEDS)' $(foreach s,$(SET),--set '$(s)') \
 		$(if $(DEVICE),--device '$(DEVICE)')
+
+# The tricks set, chosen on the validation split (README, "Tricks"; the `stack` row of studies/ablation/): the one
+# place it is written. lr_max is pinned at the baseline's pick: the range test does not fit frozen BN scales and
+# whitening (no minimum, or an LR at which training collapses).
+TRICKS := train.label_smoothing=0.2 train.ema_decay=0.99 train.frozen_bn_scales=true model.whitening=true \
+	lr_max=0.4329 evaluate.tta=flip+translate
+
+# `make tricks`: the pipeline with the tricks set, as the DVC experiment `tricks` (`dvc exp show`, `dvc metrics diff`);
+# params.yaml is not changed. Again after a code change: EXP_ARGS=--force replaces the experiment.
+tricks: $(VENV)/.installed
+	dvc exp run -n tricks $(foreach s,$(TRICKS),-S '$(s)') $(EXP_ARGS)
+
+# `make tricks-study SEEDS=0-4`: the tricks set's seed study, studies/tricks/ (what the README's Results report).
+tricks-study:
+	$(MAKE) study NAME=tricks SEEDS='$(SEEDS)' SET='$(TRICKS)' $(if $(DEVICE),DEVICE='$(DEVICE)')
 
 # `make pull`: the DVC-tracked outputs of the checked-out commit (data/, models/) from the default DVC remote, instead
 # of `make repro`'s hour of training (README, "Sharing: remotes"). With no default remote, `dvc pull` says only

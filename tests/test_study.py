@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -190,6 +191,27 @@ def test_committed_studies_summaries_are_their_rows_summaries():
         config = json.loads((folder / "config.json").read_text())
         assert set(rows["code_hash"]) == {config["code_hash"]} == {study.code_hash(config["code"])}, folder.name
         assert "seed" not in config["params"] and (folder / "seeds.png").is_file(), folder.name
+
+
+def _make_n(*args) -> str:
+    result = subprocess.run(["make", "-n", "-o", ".venv/.installed", *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_the_tricks_study_is_the_makefiles_tricks_set(monkeypatch):
+    """The set is written once (the Makefile's TRICKS): `make tricks` and `make tricks-study` pass the same overrides,
+    and the committed studies/tricks/ is params.yaml with them applied."""
+    experiment = re.findall(r"-S '([^']*)'", _make_n("tricks"))
+    study_command = _make_n("tricks-study", "SEEDS=0-4")
+    assert "python -m cifar_resnet.study 'tricks' --seeds '0-4'" in study_command
+    assert re.findall(r"--set '([^']*)'", study_command) == experiment
+    assert "evaluate.tta=flip+translate" in experiment
+    monkeypatch.chdir(REPO)
+    wanted = {k: v for k, v in study.wanted_params(experiment).items() if k != "seed"}
+    config = json.loads((REPO / "studies/tricks/config.json").read_text())
+    assert study.flatten(config["params"]) == wanted
 
 
 def test_every_study_folder_has_rows():
