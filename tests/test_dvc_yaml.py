@@ -117,16 +117,20 @@ def _file_at(commit: str, path: str) -> bytes:
     return shown.stdout
 
 
+LOCK = yaml.safe_load((REPO / "dvc.lock").read_text())
+# (stage, path, md5) of every code file the record's stages read
+CODE_DEPS = [(name, dep["path"], dep["md5"]) for name, stage in LOCK["stages"].items() for dep in stage.get("deps", [])
+             if dep["path"].startswith(("src/", "stages/"))]
+
+
 def test_committed_lock_is_the_record_of_mains_code():
     """dvc.lock records a real run of main's code: every dependency file's md5 and every param match the files here
     (HEAD), and every small output it lists matches the committed file. A change to what a stage reads remakes the
     record (README, "Results"): `make repro` and commit dvc.lock, metrics/, plots/, timing/, metrics/record.json."""
-    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
+    for name, path, md5 in CODE_DEPS:
+        assert hashlib.md5((REPO / path).read_bytes()).hexdigest() == md5, f"{name}: {path}"
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for name, stage in lock["stages"].items():
-        for dep in stage.get("deps", []):
-            if dep["path"].startswith(("src/", "stages/")):
-                assert hashlib.md5((REPO / dep["path"]).read_bytes()).hexdigest() == dep["md5"], f"{name}: {dep['path']}"
+    for name, stage in LOCK["stages"].items():
         for key, value in stage.get("params", {}).get("params.yaml", {}).items():
             node = params
             for part in key.split("."):
@@ -139,12 +143,8 @@ def test_committed_lock_is_the_record_of_mains_code():
 
 def test_the_record_was_made_from_the_code_it_names():
     """The commit metrics/record.json names had the same code files as dvc.lock records (and so as main)."""
-    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
-    for name, stage in lock["stages"].items():
-        for dep in stage.get("deps", []):
-            if dep["path"].startswith(("src/", "stages/")):
-                made = _file_at(RECORD["made_from_commit"], dep["path"])
-                assert hashlib.md5(made).hexdigest() == dep["md5"], f"{name}: {dep['path']}"
+    for name, path, md5 in CODE_DEPS:
+        assert hashlib.md5(_file_at(RECORD["made_from_commit"], path)).hexdigest() == md5, f"{name}: {path}"
 
 
 def test_the_record_and_the_readme_name_the_same_commit():

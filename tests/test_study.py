@@ -136,21 +136,24 @@ def test_a_run_makes_a_row_with_its_code_hash():
                        "source": "fake"}
 
 
+def _with_dep(stage: str, path: str, md5: str) -> dict[str, bytes]:
+    """fake_run's files with one more dep of `stage` in dvc.lock."""
+    files = fake_run()
+    lock = yaml.safe_load(files["dvc.lock"])
+    lock["stages"][stage]["deps"].append({"path": path, "hash": "md5", "md5": md5})
+    files["dvc.lock"] = yaml.safe_dump(lock).encode()
+    return files
+
+
 def test_a_stale_gallery_entry_is_not_the_runs_code():
     """`dvc exp run ... train evaluate` leaves the gallery's lock entry as it was: an older version of a file the
     train stage also reads must not become the run's code (it made the study refuse every experiment)."""
-    files = fake_run()
-    lock = yaml.safe_load(files["dvc.lock"])
-    lock["stages"]["gallery"]["deps"].append({"path": "src/train.py", "hash": "md5", "md5": "0" * 32})
-    files["dvc.lock"] = yaml.safe_dump(lock).encode()
+    files = _with_dep("gallery", "src/train.py", "0" * 32)
     assert study.read_run(files.get, "fake").code == {"src/train.py": hashlib.md5(b"code").hexdigest()}
 
 
 def test_row_stages_that_record_two_versions_of_a_file_are_stale():
-    files = fake_run()
-    lock = yaml.safe_load(files["dvc.lock"])
-    lock["stages"]["evaluate"]["deps"].append({"path": "src/train.py", "hash": "md5", "md5": "0" * 32})
-    files["dvc.lock"] = yaml.safe_dump(lock).encode()
+    files = _with_dep("evaluate", "src/train.py", "0" * 32)
     with pytest.raises(StaleRun, match=r"two versions of src/train\.py"):
         study.read_run(files.get, "fake")
 
