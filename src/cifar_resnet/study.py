@@ -235,21 +235,9 @@ def read_run(read, source: str, make=None) -> Run:
     graph = {name: ([d["path"] for d in stage.get("deps") or []], [o["path"] for o in stage.get("outs") or []])
              for name, stage in stages.items()}
     params = flatten(load_file(read, "params.yaml", yaml.safe_load, source))
-    _check_lock(read, stages, graph, params, source)
-    hashes = _row_dep_hashes(stages, graph, source)
+    hashes = _check_lock(read, stages, graph, params, source)
     code = {path: hashes[path] for path in source_files(graph)}
     return Run(params, code, (make or make_row)(read, params["seed"], code, source))
-
-
-def _row_dep_hashes(stages: dict, graph: dict, source: str) -> dict:
-    """{path: md5} of the deps of the stages that make the row, as dvc.lock records them. Only those stages: an
-    experiment of the row stages leaves the gallery's entry as it was, so it may record an older file."""
-    hashes = {}
-    for name in sorted(row_stages(graph)):
-        for dep in stages[name].get("deps") or []:
-            if hashes.setdefault(dep["path"], dep.get("md5")) != dep.get("md5"):
-                raise StaleRun(f"{source}: dvc.lock records two versions of {dep['path']} (stage {name} and another)")
-    return hashes
 
 
 def load_file(read, rel: str, parse, source: str):
@@ -259,13 +247,17 @@ def load_file(read, rel: str, parse, source: str):
     return parse(data.decode())
 
 
-def _check_lock(read, stages: dict, graph: dict, params: dict, source: str) -> None:
-    """Only the stages that make the row: a stale gallery does not matter."""
+def _check_lock(read, stages: dict, graph: dict, params: dict, source: str) -> dict:
+    """Only the stages that make the row: a stale gallery does not matter (an experiment of the row stages leaves
+    its entry as it was, so it may record older files). Returns {path: md5} of those stages' deps."""
     written = {o["path"]: o.get("md5") for stage in stages.values() for o in stage.get("outs") or []}
+    recorded = {}
     for name in sorted(row_stages(graph)):
         for dep in stages[name].get("deps") or []:
             if dep["path"] in written and dep.get("md5") != written[dep["path"]]:
                 raise StaleRun(f"{source}: stage {name} read another {dep['path']} than dvc.lock records")
+            if recorded.setdefault(dep["path"], dep.get("md5")) != dep.get("md5"):
+                raise StaleRun(f"{source}: dvc.lock records two versions of {dep['path']} (stage {name} and another)")
         for key, value in flatten((stages[name].get("params") or {}).get("params.yaml") or {}).items():
             if params.get(key, ...) != value:
                 raise StaleRun(f"{source}: stage {name} ran with {key}={value!r}, params.yaml has "
@@ -274,6 +266,7 @@ def _check_lock(read, stages: dict, graph: dict, params: dict, source: str) -> N
         data = read(rel)
         if data is None or hashlib.md5(data).hexdigest() != written[rel]:
             raise StaleRun(f"{source}: {rel} is not the file dvc.lock records")
+    return recorded
 
 
 def make_row(read, seed, code: dict, source: str) -> dict:
