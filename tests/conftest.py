@@ -19,6 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+RECORD = json.loads((REPO / "metrics" / "record.json").read_text())  # which commit's run dvc.lock records
+
+
+def file_at(commit: str, path: str) -> bytes:
+    """A file as a commit of this repo holds it."""
+    shown = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO, capture_output=True, check=False)
+    assert shown.returncode == 0, f"{path} at {commit[:10]}: {shown.stderr.decode().strip()} (a shallow clone?)"
+    return shown.stdout
+
+
 def write_cifar_folder(folder: Path, per_batch: int = 64, seed: int = 0) -> Path:
     """A learnable CIFAR-10 look-alike in the official python format: each class has its own colour and stripe.
 

@@ -2,8 +2,6 @@
 committed record of a real run."""
 
 import hashlib
-import json
-import subprocess
 from pathlib import Path
 
 import yaml
@@ -11,7 +9,7 @@ import yaml
 from cifar_resnet import paths
 
 from closure import import_closure
-from conftest import REPO
+from conftest import RECORD, REPO, file_at
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = DVC["stages"]
@@ -108,49 +106,61 @@ def test_declared_image_plots_and_metrics():
     assert {"metrics/train.json", "metrics/evaluate.json", "metrics/lr_range_test.json"} <= metrics
 
 
-RECORD = json.loads((REPO / "metrics" / "record.json").read_text())
-
-
-def _file_at(commit: str, path: str) -> bytes:
-    shown = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO, capture_output=True)
-    assert shown.returncode == 0, f"{path} at {commit[:10]}: {shown.stderr.decode().strip()} (a shallow clone?)"
-    return shown.stdout
-
-
 LOCK = yaml.safe_load((REPO / "dvc.lock").read_text())
 # (stage, path, md5) of every code file the record's stages read
 CODE_DEPS = [(name, dep["path"], dep["md5"]) for name, stage in LOCK["stages"].items() for dep in stage.get("deps", [])
              if dep["path"].startswith(("src/", "stages/"))]
 
 
-def test_committed_lock_is_the_record_of_mains_code():
-    """dvc.lock records a real run of main's code: every dependency file's md5 and every param match the files here
-    (HEAD), and every small output it lists matches the committed file. A change to what a stage reads remakes the
-    record (README, "Results"): `make repro` and commit dvc.lock, metrics/, plots/, timing/, metrics/record.json."""
-    for name, path, md5 in CODE_DEPS:
-        assert hashlib.md5((REPO / path).read_bytes()).hexdigest() == md5, f"{name}: {path}"
+def _param(params: dict, key: str):
+    for part in key.split("."):
+        params = params.get(part) if isinstance(params, dict) else None
+    return params
+
+
+def _locked_params():
+    """(stage, key, value) of every param dvc.lock records."""
+    return [(name, key, value) for name, stage in LOCK["stages"].items()
+            for key, value in stage.get("params", {}).get("params.yaml", {}).items()]
+
+
+def _ahead_of_the_record() -> list[str]:
+    """The files the record's stages read (code, params.yaml) that main has changed since."""
+    code = {path for _, path, md5 in CODE_DEPS if hashlib.md5((REPO / path).read_bytes()).hexdigest() != md5}
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    changed = any(_param(params, key) != value for _, key, value in _locked_params())
+    return sorted(code | ({"params.yaml"} if changed else set()))
+
+
+def test_committed_lock_is_the_record_of_the_commit_it_names():
+    """dvc.lock records a real run of the code of `made_from_commit` (metrics/record.json): every dependency file's
+    md5 and every param match that commit, and every small output it lists matches the committed file."""
+    commit = RECORD["made_from_commit"]
+    params = yaml.safe_load(file_at(commit, "params.yaml"))
+    for name, path, md5 in CODE_DEPS:
+        assert hashlib.md5(file_at(commit, path)).hexdigest() == md5, f"{name}: {path}"
+    for name, key, value in _locked_params():
+        assert _param(params, key) == value, f"{name}: params {key}"
     for name, stage in LOCK["stages"].items():
-        for key, value in stage.get("params", {}).get("params.yaml", {}).items():
-            node = params
-            for part in key.split("."):
-                node = node[part]
-            assert node == value, f"{name}: params {key}"
         for out in stage.get("outs", []):
             if out["path"].startswith(("metrics/", "plots/", "timing/")):
                 assert hashlib.md5((REPO / out["path"]).read_bytes()).hexdigest() == out["md5"], out["path"]
 
 
-def test_the_record_was_made_from_the_code_it_names():
-    """The commit metrics/record.json names had the same code files as dvc.lock records (and so as main)."""
-    for name, path, md5 in CODE_DEPS:
-        assert hashlib.md5(_file_at(RECORD["made_from_commit"], path)).hexdigest() == md5, f"{name}: {path}"
+def test_the_readme_says_whether_mains_code_is_ahead_of_the_record():
+    """main's code may move ahead of the record only in the open: the README's Results say so and name each file,
+    until the record is remade (`make repro`, then commit dvc.lock, metrics/, plots/, timing/, metrics/record.json)."""
+    readme = (REPO / "README.md").read_text()
+    ahead = _ahead_of_the_record()
+    assert ("main's code is ahead of this record" in readme) == bool(ahead), ahead
+    for path in ahead:
+        assert f"`{path}`" in readme, path
 
 
 def test_the_record_and_the_readme_name_the_same_commit():
     readme = (REPO / "README.md").read_text()
     assert RECORD["made_from_commit"][:7] in readme
-    assert _file_at(RECORD["committed_in"], "dvc.lock") == (REPO / "dvc.lock").read_bytes()
+    assert file_at(RECORD["committed_in"], "dvc.lock") == (REPO / "dvc.lock").read_bytes()
 
 
 def test_no_plain_uncached_out_switches_the_run_cache_off():

@@ -1,4 +1,4 @@
-"""The LR range test: the exponential LR sweep, Smith's pick rule and a tiny real run on the CPU."""
+"""The LR range test: the exponential LR sweep, the climb rule and a tiny real run on the CPU."""
 
 import math
 
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_resnet.config import parse_params
+from cifar_resnet.config import LrRangeTestParams, parse_params
 from cifar_resnet.data import Cifar10
-from cifar_resnet.lr_range_test import RULE, RangeTestError, lr_at, pick_lr_max, pick_result, run_range_test
+from cifar_resnet.lr_range_test import (RISE, RULE, RangeTestError, climb_index, climbed, lr_at, pick_lr_max,
+                                        pick_result, run_range_test, smooth)
 from cifar_resnet.runtime import pick_runtime
 
 N = 100
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ema(losses, beta=0.98):
-    """The bias-corrected EMA of run_range_test (fastai's lr_find smoothing)."""
+    """The bias-corrected EMA that the previous rule took the minimum of (fastai's lr_find smoothing)."""
     avg, out = 0.0, []
     for i, value in enumerate(losses):
         avg = beta * avg + (1 - beta) * value
@@ -27,9 +28,27 @@ def ema(losses, beta=0.98):
     return out
 
 
-def u_curve(valley: int, n: int = N):
-    """A clean U in log-LR with its minimum exactly at index `valley`."""
-    return [1.0 + (i - valley) ** 2 / n for i in range(n)]
+def range_params(**knobs) -> LrRangeTestParams:
+    return LrRangeTestParams(**{"window": 5, "divisor": 1.0, "num_iter": N, **knobs})
+
+
+def real_shape(climb: int = 77):
+    """The shape of this network's curve (the record's plots/lr_range_test.tsv): ln 10 at the start, a fall to a
+    ragged valley near LR 0.1, a climb above the start within a few batches at `climb` (LR ~0.7), then BatchNorm's
+    second fall at LR 3-10, lower than the valley."""
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.01, N)
+    curve = []
+    for i in range(N):
+        if i < 60:
+            curve.append(2.3 - 0.7 * (i / 60) ** 2)  # falls to 1.6
+        elif i < climb:
+            curve.append(1.6 + (0.25 if i % 3 == 0 else 0.0))  # ragged: one batch in three jumps
+        elif i < climb + 5:
+            curve.append(2.9)  # the climb, from one batch to the next
+        else:
+            curve.append(1.2)  # the second fall, below the valley
+    return list(np.array(curve) + noise)
 
 
 # ------------------------------------------------------------------------------------------------------- lr_at
@@ -49,68 +68,66 @@ def test_lr_at_is_exponential_from_start_to_end():
     assert lr_at(5, 0.01, 1.0, 11) == pytest.approx(0.1, rel=1e-12)
 
 
-# ------------------------------------------------------------------------------------------------- pick_lr_max
+# ------------------------------------------------------------------------------------------------- the pick rule
 
 
-@pytest.mark.parametrize("divisor", [1.0, 4.0])
-def test_pick_is_lr_at_the_smoothed_minimum_over_divisor(divisor):
-    lr_max, best = pick_lr_max(LRS, u_curve(60), divisor, stopped_early=False)
-    assert best == 60
-    assert lr_max == LRS[60] / divisor
+def test_smooth_is_a_centred_median_without_lag():
+    step = [2.0] * 50 + [1.0] * 50
+    assert smooth(step, 5) == step  # an EMA would still be above 1.0 tens of batches later
+    spiky = [2.0] * 20
+    spiky[10] = 9.0
+    assert smooth(spiky, 5) == [2.0] * 20  # one batch does not move a median
+    assert smooth([3.0, 1.0, 2.0, 5.0], 3) == [2.0, 2.0, 2.0, 3.5]  # shorter windows at the ends
 
 
-def test_minimum_in_first_tenth_fails():
-    with pytest.raises(RangeTestError, match="first tenth"):
-        pick_lr_max(LRS, u_curve(5), 1.0, stopped_early=False)
-    with pytest.raises(RangeTestError, match="first tenth"):  # stopping early does not excuse the start
-        pick_lr_max(LRS, u_curve(0), 1.0, stopped_early=True)
+def test_the_climb_is_the_first_smoothed_loss_above_rise_times_the_first():
+    assert RISE == 1.1
+    assert climb_index([2.0, 2.1, 2.15, 2.19, 2.1], 1) is None  # noise, however long, below 1.1 x 2.0
+    assert climb_index([2.0, 1.5, 1.4, 2.3, 2.5, 2.6], 1) == 3  # 2.3 > 2.2 is the first above
+    assert climb_index([2.0, 1.5, 1.4, 9.0, 1.3, 1.3], 3) is None  # one batch: the median ignores it
+    assert climb_index([2.0, 1.5, 1.4, 9.0, 9.0, 1.3], 3) == 3
 
 
-def test_edges_are_a_tenth_of_the_iterations_run():
-    with pytest.raises(RangeTestError):
-        pick_lr_max(LRS, u_curve(9), 1.0, False)  # index 9 of 100: inside the first tenth
-    assert pick_lr_max(LRS, u_curve(10), 1.0, False) == (LRS[10], 10)
-    assert pick_lr_max(LRS, u_curve(89), 1.0, False) == (LRS[89], 89)
-    with pytest.raises(RangeTestError):
-        pick_lr_max(LRS, u_curve(90), 1.0, False)  # inside the last tenth
-    # the tenth is of the iterations actually run (a test stopped early at 40 iterations)
-    with pytest.raises(RangeTestError):
-        pick_lr_max(LRS[:40], u_curve(3, 40), 1.0, True)
-    assert pick_lr_max(LRS[:40], u_curve(4, 40), 1.0, True) == (LRS[4], 4)
+@pytest.mark.parametrize("divisor", [1.0, 2.0])
+def test_pick_is_the_lr_of_the_climb_over_divisor(divisor):
+    lr_max, i = pick_lr_max(LRS, real_shape(climb=77), range_params(divisor=divisor), blew_up=False)
+    assert i == 77 and lr_max == LRS[77] / divisor
 
 
-def test_minimum_at_the_end_fails_unless_stopped_early():
-    still_falling = [2.3 - 0.01 * i for i in range(N)]
-    with pytest.raises(RangeTestError, match="still falling"):
-        pick_lr_max(LRS, still_falling, 1.0, stopped_early=False)
-    near_end = u_curve(95)
-    with pytest.raises(RangeTestError, match="still falling"):
-        pick_lr_max(LRS, near_end, 1.0, stopped_early=False)
-    # a test that stopped on divergence ended past its minimum: the pick stands
-    assert pick_lr_max(LRS, near_end, 1.0, stopped_early=True) == (LRS[95], 95)
-    assert pick_lr_max(LRS, still_falling, 2.0, stopped_early=True) == (LRS[-1] / 2, N - 1)
+def test_the_second_fall_and_the_ragged_valley_do_not_move_the_pick():
+    """What broke the previous rule: the lowest loss of the sweep lies past the climb, and the EMA's lag carries its
+    minimum to the end of the sweep ("still falling": seed 1 on the H100)."""
+    losses = real_shape(climb=77)
+    assert int(np.argmin(losses)) > 77 and int(np.argmin(ema(losses))) == N - 1
+    for window in (3, 5, 7):
+        assert pick_lr_max(LRS, losses, range_params(window=window), False)[1] == 77
+    assert pick_lr_max(LRS, real_shape(climb=70), range_params(), False)[1] == 70
 
 
-def test_rule_ignores_an_early_noisy_dip():
-    """The raw curve has a one-batch dip at index 15; the real valley is at 70.
+def test_no_climb_or_one_in_the_first_tenth_is_no_pick_and_says_why():
+    falling = [2.3 - 0.01 * i for i in range(N)]
+    with pytest.raises(RangeTestError, match=r"never climbed above 1.1 x its start 2.3 by LR 10: raise"):
+        pick_lr_max(LRS, falling, range_params(), blew_up=False)
+    early = [2.3] * 5 + [2.6] * (N - 5)
+    with pytest.raises(RangeTestError, match=r"climbed above 1.1 x its start 2.3 at LR 0.000179, in the first tenth"):
+        pick_lr_max(LRS, early, range_params(), blew_up=False)
+    assert pick_lr_max(LRS, [2.3] * 12 + [2.6] * (N - 12), range_params(), False)[1] == 12  # 10 is the edge
 
-    The raw loss is steepest (and lowest) at the dip, so a steepest-gradient rule (or the raw minimum) picks an LR
-    ~100x too small; the minimum of the smoothed loss stays at the end of the real falling stretch.
-    """
-    raw = []
-    for i in range(N):
-        if i <= 70:
-            raw.append(2.3 - 1.3 * i / 70)  # falls slowly to 1.0 at LR ~ 0.7
-        else:
-            raw.append(1.0 + 0.3 * (i - 70))  # then diverges
-    raw[15] = 0.5  # one lucky batch
-    smoothed = ema(raw)
-    steepest = int(np.argmin(np.gradient(raw)))
-    assert steepest in (14, 15)  # the raw steepest-gradient point is the dip
-    assert int(np.argmin(raw)) == 15
-    lr_max, best = pick_lr_max(LRS, smoothed, 1.0, stopped_early=True)
-    assert 70 <= best <= 75  # at the valley, plus the lag of the EMA
-    assert lr_max == LRS[best] and LRS[best] > 50 * LRS[steepest]
+
+def test_a_loss_that_is_not_finite_ends_the_sweep_at_the_last_finite_lr():
+    falling = [2.3 - 0.01 * i for i in range(60)]  # then the 61st loss was not finite
+    assert pick_lr_max(LRS[:60], falling, range_params(divisor=2.0), blew_up=True) == (LRS[59] / 2, 59)
+    with pytest.raises(RangeTestError, match="the loss was not finite after 5 iterations, in the first tenth"):
+        pick_lr_max(LRS[:5], [2.3] * 5, range_params(), blew_up=True)
+    with pytest.raises(RangeTestError, match="the loss was not finite after 0 iterations, in the first tenth"):
+        pick_lr_max([], [], range_params(), blew_up=True)
+
+
+def test_the_sweep_stops_once_the_climbs_window_is_whole():
+    losses = real_shape(climb=77)
+    assert not any(climbed(losses[:n], 5) for n in range(1, 80))  # the climb at 77 needs losses 78 and 79
+    assert climbed(losses[:80], 5)
+    assert climbed(losses[:79], 3) and not climbed(losses[:78], 3)
 
 
 # -------------------------------------------------------------------------------------------- run_range_test
@@ -130,7 +147,7 @@ def tiny_params(**range_test):
     return parse_params({
         "lr_min_factor": 0.05,
         "model": {"channels": [8, 16, 32, 64]},
-        # end_lr 1000 forces divergence well inside the sweep, so the smoothed loss brackets a minimum
+        # end_lr 1000 makes the loss climb back above its start well inside the sweep
         "lr_range_test": {"start_lr": 1e-4, "end_lr": 1000.0, "num_iter": 25, "divisor": 2.0, **range_test},
         "train": {"batch_size": 128, "device": "cpu", "precision": "fp32", "threads": 1},
     })
@@ -147,32 +164,24 @@ def test_run_range_test_on_a_tiny_dataset():
 
     rp = params.lr_range_test
     curve = result["curve"]
-    assert 10 <= result["iterations"] == len(curve) <= rp.num_iter
+    assert result["iterations"] == len(curve) < rp.num_iter  # end_lr 1000: the loss climbs well inside the sweep
     assert [c["iteration"] for c in curve] == list(range(1, len(curve) + 1))
-    lrs = [c["lr"] for c in curve]
-    assert all(b > a for a, b in zip(lrs, lrs[1:]))
+    lrs, losses = [c["lr"] for c in curve], [c["loss"] for c in curve]
     assert lrs == [round(lr_at(i, rp.start_lr, rp.end_lr, rp.num_iter), 8) for i in range(len(lrs))]
-    assert all(math.isfinite(c["loss"]) for c in curve)
-    assert curve[0]["loss"] == pytest.approx(math.log(10), abs=0.2)  # an untrained 10-way softmax
-    # the smoothed column is the debiased EMA of the loss column
-    assert [c["smoothed_loss"] for c in curve] == pytest.approx(ema([c["loss"] for c in curve], rp.smoothing),
-                                                                abs=1e-5)
+    assert all(math.isfinite(loss) for loss in losses)
+    assert losses[0] == pytest.approx(math.log(10), abs=0.2)  # an untrained 10-way softmax
+    assert [c["smoothed_loss"] for c in curve] == pytest.approx(smooth(losses, rp.window), abs=1e-5)
+    assert result["start_loss"] == losses[0]
 
-    smoothed = [c["smoothed_loss"] for c in curve]
-    best = int(np.argmin(smoothed))
-    assert result["lr_at_min_loss"] == pytest.approx(lrs[best], rel=1e-6)
-    assert result["min_smoothed_loss"] == pytest.approx(smoothed[best], abs=1e-6)
-    assert result["min_smoothed_loss"] < curve[0]["smoothed_loss"]  # the loss did fall before diverging
-    assert result["lr_max"] == pytest.approx(result["lr_at_min_loss"] / 2.0, rel=1e-5)  # divisor 2
-    assert result["lr_min"] == pytest.approx(result["lr_max"] * 0.05, rel=1e-5)  # lr_min_factor
-    assert len(curve) // 10 <= best < len(curve) - len(curve) // 10  # bracketed: not at an edge
-    # end_lr 1000 is far past what this model survives: the test ends on divergence, before num_iter
+    climb = lrs.index(result["lr_at_climb"])
+    assert climb == climb_index(losses, rp.window)
+    assert len(curve) == climb + rp.window // 2 + 1  # stopped as soon as the climb's median window was whole
     assert result["stopped_on_divergence"] is True
-    assert result["iterations"] < rp.num_iter
-    assert smoothed[-1] > rp.divergence * smoothed[best]
-    assert result["rule"] == "lr_max = lr_at_min_smoothed_loss / 2; lr_min = lr_max * 0.05"
-    assert RULE.startswith("lr_max = lr_at_min_smoothed_loss / divisor")
-    assert len(messages) == 1 and "stopped on divergence" in messages[0]
+    assert result["lr_max"] == pytest.approx(result["lr_at_climb"] / 2.0, rel=1e-5)  # divisor 2
+    assert result["lr_min"] == pytest.approx(result["lr_max"] * 0.05, rel=1e-5)  # lr_min_factor
+    assert result["rule"] == "lr_max = lr_where_loss_climbs_above_1.1x_start / 2; lr_min = lr_max * 0.05"
+    assert RULE.startswith("lr_max = lr_where_loss_climbs_above_1.1x_start / divisor")
+    assert len(messages) == 1 and "climbed above 1.1 x its start at LR" in messages[0]
 
 
 def test_run_range_test_batch_larger_than_the_data():
@@ -184,32 +193,35 @@ def test_run_range_test_batch_larger_than_the_data():
 
 
 def test_run_range_test_diverging_at_once_has_no_pick():
-    """No curve to read is no pick: the JSON says why (lr_max null), and the test does not fail by itself."""
+    """A climb at the sweep's start is no pick: the JSON says why (lr_max null), and the test does not fail by
+    itself."""
     params = tiny_params(start_lr=1e4, end_lr=1e6)
     data = tiny_data(n=256)
     messages = []
     result = run_range_test(params, data, *data.mean_std(), pick_runtime(params.train), log=messages.append,
                             progress=False)
     assert result["lr_max"] is None and result["lr_min"] is None
-    assert result["no_pick"].startswith("lr_range_test: diverged after") and result["stopped_on_divergence"]
-    assert result["iterations"] == len(result["curve"]) < 10
-    assert len(messages) == 1 and "NO LRMAX PICKED" in messages[0] and "diverged after" in messages[0]
+    assert result["no_pick"].endswith("in the first tenth of the sweep: lower lr_range_test.start_lr or check the data")
+    assert result["stopped_on_divergence"] and result["iterations"] == len(result["curve"]) < 10
+    assert len(messages) == 1 and "NO LRMAX PICKED" in messages[0] and "first tenth" in messages[0]
 
 
-def test_pick_result_without_a_pick_keeps_the_curve_minimum_and_says_why():
-    still_falling = [2.3 - 0.01 * i for i in range(N)]
+def test_pick_result_without_a_pick_says_why_with_the_same_fields():
+    falling = [2.3 - 0.01 * i for i in range(N)]
+    test = range_params(divisor=2.0)
     messages = []
-    result = pick_result(LRS, still_falling, 1.0, 0.01, stopped_early=False, log=messages.append)
-    assert result["lr_max"] is None and result["lr_min"] is None
-    assert result["no_pick"] == ("lr_range_test: the smoothed loss was still falling at the end of the range "
-                                 "(LR 10): raise lr_range_test.end_lr or num_iter")
-    assert result["lr_at_min_loss"] == pytest.approx(10.0) and result["min_smoothed_loss"] == pytest.approx(1.31)
-    assert result["iterations"] == N and result["stopped_on_divergence"] is False
+    result = pick_result(LRS, falling, test, 0.01, blew_up=False, stopped=False, log=messages.append)
+    assert result["lr_max"] is None and result["lr_min"] is None and result["lr_at_climb"] is None
+    assert result["no_pick"] == ("lr_range_test: the smoothed loss never climbed above 1.1 x its start 2.3 by LR 10: "
+                                 "raise lr_range_test.end_lr or num_iter")
+    assert result["start_loss"] == pytest.approx(2.3) and result["iterations"] == N
+    assert result["stopped_on_divergence"] is False
     assert "NO LRMAX PICKED" in messages[0]
     # the same rule and fields as a pick, which has no no_pick key
-    picked = pick_result(LRS, u_curve(60), 2.0, 0.1, stopped_early=False, log=messages.append)
-    assert picked["lr_max"] == pytest.approx(LRS[60] / 2, rel=1e-5) and picked["lr_min"] == pytest.approx(
+    picked = pick_result(LRS, real_shape(77), test, 0.1, blew_up=False, stopped=True, log=messages.append)
+    assert picked["lr_max"] == pytest.approx(LRS[77] / 2, rel=1e-5) and picked["lr_min"] == pytest.approx(
         picked["lr_max"] * 0.1, rel=1e-5)
+    assert picked["lr_at_climb"] == pytest.approx(LRS[77], rel=1e-5)
     assert "no_pick" not in picked and set(result) - set(picked) == {"no_pick"}
-    assert picked["rule"] == result["rule"].replace("/ 1;", "/ 2;").replace("* 0.01", "* 0.1")
-    assert pick_result([], [], 1.0, 0.01, True, log=messages.append)["lr_at_min_loss"] is None
+    assert picked["rule"] == result["rule"].replace("* 0.01", "* 0.1")
+    assert pick_result([], [], test, 0.01, True, True, log=messages.append)["start_loss"] is None

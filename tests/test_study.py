@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, Repo, copy_repo, stage_env
+from dvc.utils.hydra import apply_overrides
+
+from conftest import RECORD, REPO, Repo, copy_repo, file_at, stage_env
 from cifar_resnet import study
 from cifar_resnet.study import Config, StaleRun, StudyError
 
@@ -203,7 +205,7 @@ def _make_n(*args) -> str:
     return result.stdout
 
 
-def test_the_tricks_study_is_the_makefiles_tricks_set(monkeypatch):
+def test_the_tricks_study_is_the_makefiles_tricks_set(tmp_path):
     """The set is written once (the Makefile's TRICKS): `make tricks` and `make tricks-study` pass the same overrides,
     and the committed studies/tricks/ is params.yaml with them applied."""
     experiment = re.findall(r"-S '([^']*)'", _make_n("tricks"))
@@ -211,10 +213,25 @@ def test_the_tricks_study_is_the_makefiles_tricks_set(monkeypatch):
     assert "python -m cifar_resnet.study 'tricks' --seeds '0-4'" in study_command
     assert re.findall(r"--set '([^']*)'", study_command) == experiment
     assert "evaluate.tta=flip+translate" in experiment
-    monkeypatch.chdir(REPO)
-    wanted = {k: v for k, v in study.wanted_params(experiment).items() if k != "seed"}
     config = json.loads((REPO / "studies/tricks/config.json").read_text())
+    params = tmp_path / "params.yaml"
+    params.write_bytes(_params_the_study_ran(config))
+    apply_overrides(params, experiment)  # DVC's own `-S`, as `make tricks` applies them
+    wanted = {k: v for k, v in study.flatten(yaml.safe_load(params.read_text())).items() if k != "seed"}
     assert study.flatten(config["params"]) == wanted
+
+
+def _params_the_study_ran(config: dict) -> bytes:
+    """params.yaml of the code a study ran: main's, or, while main's code is ahead of the record (README, "Results"),
+    the record's commit's."""
+    def same_code(read) -> bool:
+        return all(hashlib.md5(read(path)).hexdigest() == md5 for path, md5 in config["code"].items())
+
+    if same_code(lambda path: (REPO / path).read_bytes()):
+        return (REPO / "params.yaml").read_bytes()
+    commit = RECORD["made_from_commit"]
+    assert same_code(lambda path: file_at(commit, path)), "the study ran neither main's code nor the record's"
+    return file_at(commit, "params.yaml")
 
 
 def test_every_study_folder_has_rows():
@@ -228,7 +245,7 @@ def test_every_study_folder_has_rows():
 # test_pipeline's tiny configuration with a narrower network: the study's logic does not need more, and every seed
 # runs the range test again (it depends on the seed).
 TINY = ["data.train_limit=1024", "data.test_limit=512", "model.channels=[8,16,32,64]", "train.epochs=2",
-        "train.peak_epoch=1", "lr_range_test.num_iter=20"]
+        "train.peak_epoch=1", "lr_range_test.num_iter=20", "lr_range_test.end_lr=100"]
 
 
 class StudyRepo(Repo):

@@ -524,8 +524,10 @@ def test_checkpoint_identity_ignores_the_evaluation_knobs():
 
 
 def _range_test(monkeypatch, *layers) -> list[dict]:
-    """The range test's raw curve (its pick rule, which random images need not satisfy, left out)."""
-    monkeypatch.setattr(range_module, "pick_lr_max", lambda lrs, smoothed, divisor, stopped: (lrs[0], 0))
+    """The range test's raw curve over all its iterations (its stop and pick rule, which random images need not
+    satisfy, left out)."""
+    monkeypatch.setattr(range_module, "climbed", lambda losses, window: False)
+    monkeypatch.setattr(range_module, "pick_lr_max", lambda lrs, losses, test, blew_up: (lrs[0], 0))
     params = params_of(*layers, {"train": {"batch_size": 32}},
                        lr_range_test={"start_lr": 1e-3, "end_lr": 1.0, "num_iter": 10})
     data = tiny_data(96, 0)

@@ -54,8 +54,8 @@ def test_stage_commands_come_from_dvc_yaml_in_its_order(monkeypatch):
 
 
 TINY = ["data.train_limit=1024", "data.test_limit=512", "model.channels=[8,16,32,64]", "train.epochs=2",
-        "train.peak_epoch=1", "train.batch_size=128", "lr_range_test.num_iter=20", "train.threads=1",
-        "train.device=cpu"]
+        "train.peak_epoch=1", "train.batch_size=128", "lr_range_test.num_iter=20", "lr_range_test.end_lr=100",
+        "train.threads=1", "train.device=cpu"]
 
 
 @pytest.mark.slow

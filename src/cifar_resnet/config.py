@@ -56,9 +56,8 @@ class LrRangeTestParams:
     start_lr: float = field(default=1e-4, metadata=_check("positive"))
     end_lr: float = field(default=10.0, metadata=_check("positive"))
     num_iter: int = field(default=100, metadata=_check("positive"))
-    smoothing: float = field(default=0.98, metadata=_check("fraction"))
-    divergence: float = field(default=4.0, metadata=_check("above_one"))
-    divisor: float = field(default=1.0, metadata=_check("positive"))
+    window: int = field(default=5, metadata=_check("odd"))
+    divisor: float = field(default=2.0, metadata=_check("positive"))
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,7 @@ _RULES = {
     "probability": ("a number in [0, 1]", lambda v: 0 <= v <= 1),
     "fraction": ("a number in [0, 1)", lambda v: 0 <= v < 1),
     "open_unit": ("a number in (0, 1)", lambda v: 0 < v < 1),
-    "above_one": ("a number > 1", lambda v: v > 1),
+    "odd": ("an odd integer > 0 (a centred window)", lambda v: v > 0 and v % 2 == 1),
 }
 
 

@@ -27,9 +27,8 @@ def lr_range_figure(path, curve: list[dict], result: dict) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(lrs, [p["loss"] for p in curve], alpha=0.3, label="loss")
     ax.plot(lrs, [p["smoothed_loss"] for p in curve], label="smoothed loss")
-    if result["lr_at_min_loss"] is not None:
-        ax.axvline(result["lr_at_min_loss"], color="grey", linestyle=":",
-                   label=f"minimum {result['lr_at_min_loss']:.3g}")
+    if result["lr_at_climb"] is not None:
+        ax.axvline(result["lr_at_climb"], color="grey", linestyle=":", label=f"climb {result['lr_at_climb']:.3g}")
     if result["lr_max"] is not None:
         ax.axvline(result["lr_max"], color="red", linestyle="--", label=f"LRMAX {result['lr_max']:.3g}")
         ax.axvline(result["lr_min"], color="green", linestyle="--", label=f"LRMIN {result['lr_min']:.3g}")

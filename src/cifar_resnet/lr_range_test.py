@@ -1,25 +1,30 @@
 """The LR range test (Smith) and the rule that picks LRMAX from it.
 
 A fresh model trains on the training split with the LR growing exponentially from `start_lr` to `end_lr` over
-`num_iter` batches; the loss is smoothed with a bias-corrected EMA. The test stops early when the smoothed loss
-exceeds `divergence` times its minimum (or is not finite): that is its normal end.
+`num_iter` batches, one batch per LR. The loss is smoothed by a centred rolling median of `window` batches: it has no
+lag and ignores a one-batch spike.
 
-Pick rule: LRMAX = (LR at the minimum of the smoothed loss) / `divisor` (default 1). This is Smith's rule for the
-1cycle policy: the largest LR at which the loss still falls. The minimum of the smoothed curve is robust to the early
-noise that fools the raw steepest-gradient point; the EMA (beta 0.98, as in fastai's lr_find) lags the raw loss, which
-places the pick near the end of the falling stretch rather than at a single noisy dip. On the full data set this
-picks about 0.43, next to the 0.4 that Page's cifar10-fast uses for a mean loss. LRMIN = LRMAX * `lr_min_factor`.
-A minimum in the first or last tenth of the iterations run means the range did not bracket the useful LRs: then
-there is no pick (never one at the range's edge). The stage still writes the curve and its PNG, and its JSON says
-why under `no_pick` with `lr_max: null`; the train stage fails on it only when `lr_max` is `auto`, naming that
-reason. A set that pins `lr_max` to a number (the tricks' whitening and frozen BatchNorm scales, whose curves keep
-falling or pick a collapsing LR; README, "Tricks") trains without a pick.
+Pick rule: LRMAX = (the LR where the smoothed loss climbs above RISE x its start) / `divisor`; LRMIN = LRMAX x
+`lr_min_factor`. "Its start" is the first batch's loss, the untrained net's (ln 10 without label smoothing). This
+network's curve falls from there to a valley near LR 0.1, turns ragged, and then, from one batch to the next, climbs
+a quarter above its start (near LR 0.7): the LR at which training undoes what it learned, the sharpest mark on the
+curve. Its minimum is not: the valley is flat and ragged, and past the climb BatchNorm lets the loss fall again (at
+LR 3-10 huge steps grow the weights, which BN divides out). The previous rule, the minimum of a bias-corrected EMA
+(beta 0.98, fastai's), read the whole sweep through a lag of ~50 batches (2.5 decades of LR): it landed at 0.34-0.61
+for four seeds and past the end of the sweep for a fifth (README, "Results"). `divisor` sets LRMAX below the LR that
+undoes training, as Smith advises.
+
+The sweep stops once the climb's median window is whole, or on a loss that is not finite, which counts as the climb.
+A climb in the first tenth of the sweep, or none, is no pick: the stage still writes the curve and its PNG, and its
+JSON says why under `no_pick` with `lr_max: null`; the train stage fails on it only when `lr_max` is `auto`, naming
+that reason. A set that pins `lr_max` to a number (the tricks, README "Tricks") trains without a pick.
 """
 
 from __future__ import annotations
 
 import math
 
+import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -28,7 +33,10 @@ from cifar_resnet.loader import TrainLoader
 from cifar_resnet.model import build_model, fit_whitening
 from cifar_resnet.step import make_optimizer, make_scaler, train_step
 
-RULE = "lr_max = lr_at_min_smoothed_loss / divisor; lr_min = lr_max * lr_min_factor"
+# 10 % above the untrained net's loss: ten times a batch's noise there (~1 % on the real data), and less than half
+# the climb itself (+25 % within a batch or two on the real data)
+RISE = 1.1
+RULE = f"lr_max = lr_where_loss_climbs_above_{RISE:g}x_start / divisor; lr_min = lr_max * lr_min_factor"
 
 
 class RangeTestError(CifarResnetError):
@@ -39,28 +47,43 @@ def lr_at(i: int, start_lr: float, end_lr: float, num_iter: int) -> float:
     return start_lr * (end_lr / start_lr) ** (i / (num_iter - 1))
 
 
-def pick_lr_max(lrs: list[float], smoothed: list[float], divisor: float, stopped_early: bool) -> tuple[float, int]:
-    """(LRMAX, index of the smoothed-loss minimum), or RangeTestError when the minimum sits at an edge or the test
-    diverged before it had a curve to read."""
-    if len(smoothed) < 10:
-        raise RangeTestError(f"lr_range_test: diverged after {len(smoothed)} iterations, before any minimum: "
-                             "lower lr_range_test.start_lr")
-    best = min(range(len(smoothed)), key=smoothed.__getitem__)
-    edge = max(1, len(smoothed) // 10)
-    if best < edge:
+def smooth(losses: list[float], window: int) -> list[float]:
+    """Centred rolling median (shorter windows at the ends)."""
+    return pd.Series(losses, dtype=float).rolling(window, center=True, min_periods=1).median().tolist()
+
+
+def climb_index(losses: list[float], window: int) -> int | None:
+    """The first index where the smoothed loss is above RISE x the first loss."""
+    return next((i for i, value in enumerate(smooth(losses, window)) if value > RISE * losses[0]), None)
+
+
+def climbed(losses: list[float], window: int) -> bool:
+    """The sweep can stop: the climb is found and its median window is whole."""
+    i = climb_index(losses, window)
+    return i is not None and i + window // 2 < len(losses)
+
+
+def pick_lr_max(lrs: list[float], losses: list[float], test, blew_up: bool) -> tuple[float, int]:
+    """(LRMAX, index of the climb), or RangeTestError saying why there is none. `test`: the lr_range_test params;
+    `blew_up`: the sweep ended on a loss that was not finite, just past the last of `losses`."""
+    i = climb_index(losses, test.window) if losses else None
+    if i is None and blew_up:
+        i = len(losses) - 1  # the last finite loss, at the LR before the one that blew up
+    if i is None:
         raise RangeTestError(
-            f"lr_range_test: the smoothed loss was lowest at LR {lrs[best]:.3g}, in the first tenth of the range "
-            f"(of {len(smoothed)} iterations): lower lr_range_test.start_lr or check the data")
-    if best >= len(smoothed) - edge and not stopped_early:
-        raise RangeTestError(
-            f"lr_range_test: the smoothed loss was still falling at the end of the range (LR {lrs[best]:.3g}): "
-            "raise lr_range_test.end_lr or num_iter")
-    return lrs[best] / divisor, best
+            f"lr_range_test: the smoothed loss never climbed above {RISE:g} x its start {losses[0]:.3g} by LR "
+            f"{lrs[-1]:.3g}: raise lr_range_test.end_lr or num_iter")
+    if i < max(1, test.num_iter // 10):
+        what = (f"the loss was not finite after {len(losses)} iterations" if blew_up else
+                f"the smoothed loss climbed above {RISE:g} x its start {losses[0]:.3g} at LR {lrs[i]:.3g}")
+        raise RangeTestError(f"lr_range_test: {what}, in the first tenth of the sweep: lower lr_range_test.start_lr "
+                             "or check the data")
+    return lrs[i] / test.divisor, i
 
 
 def run_range_test(params, data, mean, std, runtime, log=print, progress: bool = True) -> dict:
-    """Train a fresh model with an exponentially growing LR; pick LRMAX from the smoothed loss curve (or say why
-    there is no pick: `pick_result`)."""
+    """Train a fresh model with an exponentially growing LR; pick LRMAX from the loss curve (or say why there is no
+    pick: `pick_result`)."""
     test, train_params = params.lr_range_test, params.train
     torch.manual_seed(params.seed)
     with torch.device("cpu"):  # as in training: weights drawn on the host, whitening fitted on the training split
@@ -73,52 +96,44 @@ def run_range_test(params, data, mean, std, runtime, log=print, progress: bool =
     if len(loader) == 0:
         raise RangeTestError(f"lr_range_test: train.batch_size {train_params.batch_size} exceeds the "
                              f"{len(data.train_images)} training images")
-    lrs, losses, smoothed = [], [], []
-    avg, best, stopped_early, i, epoch = 0.0, math.inf, False, 0, 0
+    lrs, losses, blew_up, stopped, epoch = [], [], False, False, 0
     bar = tqdm(total=test.num_iter, desc="lr range test", leave=False, disable=not progress)
-    while i < test.num_iter and not stopped_early:
+    while len(losses) < test.num_iter and not stopped:
         epoch += 1
         for x, y in loader.epoch(epoch):
-            if i >= test.num_iter:
-                break
-            lr = lr_at(i, test.start_lr, test.end_lr, test.num_iter)
+            lr = lr_at(len(losses), test.start_lr, test.end_lr, test.num_iter)
             loss, _ = train_step(model, optimizer, scaler, runtime, x, y, lr,
                                  label_smoothing=train_params.label_smoothing)
             value = loss.item()  # the curve is read on the host anyway: one sync per step is the test's nature
-            if not math.isfinite(value):
-                stopped_early = True
-                break
-            avg = test.smoothing * avg + (1 - test.smoothing) * value
-            debiased = avg / (1 - test.smoothing ** (i + 1))
-            lrs.append(lr), losses.append(value), smoothed.append(debiased)
-            best = min(best, debiased)
-            i += 1
-            bar.update(1)
-            bar.set_postfix(lr=f"{lr:.3g}", loss=f"{debiased:.3f}", refresh=False)
-            if debiased > test.divergence * best:
-                stopped_early = True
+            blew_up = not math.isfinite(value)
+            if not blew_up:
+                lrs.append(lr), losses.append(value)
+                bar.update(1)
+                bar.set_postfix(lr=f"{lr:.3g}", loss=f"{value:.3f}", refresh=False)
+            stopped = blew_up or climbed(losses, test.window)
+            if stopped or len(losses) == test.num_iter:
                 break
     bar.close()
-    result = pick_result(lrs, smoothed, test.divisor, params.lr_min_factor, stopped_early, log)
+    result = pick_result(lrs, losses, test, params.lr_min_factor, blew_up, stopped, log)
+    smoothed = smooth(losses, test.window)
     curve = [{"iteration": k + 1, "lr": round(lrs[k], 8), "loss": round(losses[k], 6),
               "smoothed_loss": round(smoothed[k], 6)} for k in range(len(lrs))]
     return {**result, "curve": curve}
 
 
-def pick_result(lrs: list[float], smoothed: list[float], divisor: float, lr_min_factor: float, stopped_early: bool,
+def pick_result(lrs: list[float], losses: list[float], test, lr_min_factor: float, blew_up: bool, stopped: bool,
                 log=print) -> dict:
     """The stage's JSON without the curve: the pick, or `lr_max: null` and why there is none under `no_pick`."""
-    rule = RULE.replace("divisor", f"{divisor:g}").replace("lr_min_factor", f"{lr_min_factor:g}")
-    lowest = min(range(len(smoothed)), key=smoothed.__getitem__) if smoothed else None
-    common = {"lr_at_min_loss": None if lowest is None else round(lrs[lowest], 6),
-              "min_smoothed_loss": None if lowest is None else round(smoothed[lowest], 6),
-              "rule": rule, "iterations": len(lrs), "stopped_on_divergence": stopped_early}
+    rule = RULE.replace("divisor", f"{test.divisor:g}").replace("lr_min_factor", f"{lr_min_factor:g}")
+    common = {"start_loss": round(losses[0], 6) if losses else None, "lr_at_climb": None,
+              "rule": rule, "iterations": len(lrs), "stopped_on_divergence": stopped}
     try:
-        lr_max, _ = pick_lr_max(lrs, smoothed, divisor, stopped_early)
+        lr_max, i = pick_lr_max(lrs, losses, test, blew_up)
     except RangeTestError as error:
         log(f"lr range test: {len(lrs)} iterations, NO LRMAX PICKED: {error}. Training with lr_max: auto will fail; "
             "a number in lr_max trains without the pick")
         return {"lr_max": None, "lr_min": None, **common, "no_pick": str(error)}
-    log(f"lr range test: {len(lrs)} iterations, smoothed loss lowest at LR {lrs[lowest]:.4g}, "
-        f"LRMAX = {lr_max:.4g}{' (stopped on divergence)' if stopped_early else ''}")
-    return {"lr_max": round(lr_max, 6), "lr_min": round(lr_max * lr_min_factor, 8), **common}
+    log(f"lr range test: {len(lrs)} iterations, the smoothed loss climbed above {RISE:g} x its start at LR "
+        f"{lrs[i]:.4g}, LRMAX = {lr_max:.4g}")
+    return {"lr_max": round(lr_max, 6), "lr_min": round(lr_max * lr_min_factor, 8), **common,
+            "lr_at_climb": round(lrs[i], 8)}
