@@ -33,6 +33,10 @@ def _train(ws: Path, cache: Path, **kw) -> subprocess.CompletedProcess:
     return result
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Held:
     """The train stage started under tests/held_stage.py: it stops after logging epoch `epoch` (its checkpoint is
     saved by then) and stays there until killed or signalled. Nothing here depends on how fast the CPU is; the
@@ -46,9 +50,11 @@ class Held:
         self.fd = os.open(self.fifo, os.O_RDWR)
         env = stage_env(cache, PYTHONUNBUFFERED="1", HOLD_AFTER_EPOCH=str(epoch), HOLD_FIFO=str(self.fifo),
                         GLIBC_TUNABLES=MALLOC_TUNABLE)  # as the stage would set it: no re-exec
+        # Started with SIGINT ignored, as a shell starts a background job (`pytest &`, DVC's queue worker): the
+        # stage must stop on SIGINT all the same, and this test must not depend on how it was launched.
         self.proc = subprocess.Popen([sys.executable, str(HARNESS), str(REPO / "stages" / "train.py")], cwd=ws,
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_ignore_sigint)
         self.pid = self.proc.pid
         self.seen = ""
         self._lines: queue.Queue[str | None] = queue.Queue()

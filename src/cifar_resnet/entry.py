@@ -18,7 +18,10 @@ def run_stage(main, description: str) -> None:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Every knob is read from params.yaml; run the stage through `dvc repro`.")
     parser.parse_args()
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # a polite kill unwinds like Ctrl-C: temp files are removed
+    # SIGINT (Ctrl-C, `dvc queue kill`) and a polite kill unwind alike, removing temp files, however the stage was
+    # started: a shell starts a background job (`cmd &`) with SIGINT ignored, and Python keeps that unless told.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     code = run_command(main, "no final outputs were written; run the stage again to resume")
     if code:
         sys.exit(code)
