@@ -6,13 +6,13 @@ lag and ignores a one-batch spike.
 
 Pick rule: LRMAX = (the LR where the smoothed loss climbs above RISE x its start) / `divisor`; LRMIN = LRMAX x
 `lr_min_factor`. "Its start" is the first batch's loss, the untrained net's (ln 10 without label smoothing). This
-network's curve falls from there to a valley near LR 0.1, turns ragged, and then, from one batch to the next, climbs
-a quarter above its start (near LR 0.7): the LR at which training undoes what it learned, the sharpest mark on the
-curve. Its minimum is not: the valley is flat and ragged, and past the climb BatchNorm lets the loss fall again (at
-LR 3-10 huge steps grow the weights, which BN divides out). The previous rule, the minimum of a bias-corrected EMA
-(beta 0.98, fastai's), read the whole sweep through a lag of ~50 batches (2.5 decades of LR): it landed at 0.34-0.61
-for four seeds and past the end of the sweep for a fifth (README, "Results"). `divisor` sets LRMAX below the LR that
-undoes training, as Smith advises.
+network's curve falls from there to a valley near LR 0.1, turns ragged, and then, within a batch or two, climbs well
+above its start (at LR 0.77-1.23 on the curves measured, README "Results"): the LR at which training undoes what it
+learned, the sharpest mark on the curve. Its minimum is not: the valley is flat and ragged, and past the climb
+BatchNorm lets the loss fall again (at LR 3-10 huge steps grow the weights, which BN divides out). The previous rule,
+the minimum of a bias-corrected EMA (beta 0.98, fastai's), read the whole sweep through a lag of ~50 batches (2.5
+decades of LR): it landed at 0.34-0.61 for four seeds and past the end of the sweep for a fifth (README, "Results").
+`divisor` sets LRMAX below the LR that undoes training, as Smith advises.
 
 The sweep stops once the climb's median window is whole, or on a loss that is not finite, which counts as the climb.
 A climb in the first tenth of the sweep, or none, is no pick: the stage still writes the curve and its PNG, and its
@@ -33,8 +33,8 @@ from cifar_resnet.loader import TrainLoader
 from cifar_resnet.model import build_model, fit_whitening
 from cifar_resnet.step import make_optimizer, make_scaler, train_step
 
-# 10 % above the untrained net's loss: ten times a batch's noise there (~1 % on the real data), and less than half
-# the climb itself (+25 % within a batch or two on the real data)
+# 10 % above the untrained net's loss: twenty times a batch's noise there (std ~0.5 % on the real data), and below
+# where the smoothed loss gets within three batches of its climb (+15-25 % on the curves measured)
 RISE = 1.1
 RULE = f"lr_max = lr_where_loss_climbs_above_{RISE:g}x_start / divisor; lr_min = lr_max * lr_min_factor"
 
