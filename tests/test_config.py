@@ -87,7 +87,7 @@ def test_committed_params_yaml_loads_with_the_recipe_values():
     assert p.augment.flip_p == pytest.approx(0.5) and p.augment.cutout == 8
     assert p.data.train_limit is None and p.data.test_limit is None and p.data.val_size == 0
     assert p.data.url == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-    assert p.lr_range_test.divisor == pytest.approx(2.0) and p.lr_range_test.window == 5
+    assert p.lr_range_test.divisor == pytest.approx(1.25) and p.lr_range_test.window == 5
     assert p.evaluate.batch_size == 1000
     # The committed file spells out the dataclass defaults.
     assert p == Params()

@@ -57,7 +57,7 @@ class LrRangeTestParams:
     end_lr: float = field(default=10.0, metadata=_check("positive"))
     num_iter: int = field(default=100, metadata=_check("positive"))
     window: int = field(default=5, metadata=_check("odd"))
-    divisor: float = field(default=2.0, metadata=_check("positive"))
+    divisor: float = field(default=1.25, metadata=_check("positive"))
 
 
 @dataclass(frozen=True)
