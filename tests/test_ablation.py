@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, Repo, copy_repo, stage_env
+from conftest import REPO, Repo, copy_repo, stage_env, tiny_set
 from cifar_resnet import ablation
 from cifar_resnet.ablation import AblationError
 
@@ -271,10 +271,9 @@ def test_make_ablation_runs_the_command():
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-# test_study's tiny configuration with smaller batches (a quicker range test): a row's logic needs no more. The
-# validation split comes out of the 50,000 training images before train_limit takes its 1,024.
-TINY = ["data.train_limit=1024", "data.test_limit=512", "model.channels=[8,16,32,64]", "train.epochs=2",
-        "train.peak_epoch=1", "train.batch_size=128", "lr_range_test.num_iter=20", "lr_range_test.end_lr=100"]
+# The tiny configuration with smaller batches (a quicker range test): a row's logic needs no more. The validation
+# split comes out of the 50,000 training images before train_limit takes its 1,024.
+TINY = tiny_set("train.batch_size=128")
 
 
 class AblationRepo(Repo):

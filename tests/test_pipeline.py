@@ -10,12 +10,11 @@ import time
 
 import pytest
 
-from conftest import Repo, copy_repo, stage_env
+from conftest import Repo, copy_repo, stage_env, tiny_set
 
 pytestmark = pytest.mark.slow
 
-TINY = ["data.train_limit=1024", "data.test_limit=512", "model.channels=[16,32,64,128]", "train.epochs=2",
-        "train.peak_epoch=1", "lr_range_test.num_iter=20", "lr_range_test.end_lr=100"]
+TINY = tiny_set("model.channels=[16,32,64,128]")
 OUTPUTS = ["data/cifar-10-batches-py/data_batch_1", "metrics/lr_range_test.json", "plots/lr_range_test.tsv",
            "plots/lr_range_test.png", "models/model.pt", "metrics/train.json", "plots/history.tsv",
            "timing/train.json", "models/summary.txt", "metrics/evaluate.json", "plots/confusion.csv",

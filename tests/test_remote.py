@@ -24,10 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Repo, copy_repo, stage_env
+from conftest import Repo, copy_repo, stage_env, tiny_set
 
-TINY = ["data.train_limit=1024", "data.test_limit=512", "model.channels=[16,32,64,128]", "train.epochs=2",
-        "train.peak_epoch=1", "lr_range_test.num_iter=20", "lr_range_test.end_lr=100"]
+TINY = tiny_set("model.channels=[16,32,64,128]")
 CACHED = ["data/params_checked.txt", "data/cifar-10-batches-py", "models/model.pt", "models/summary.txt",
           "models/predictions.npz"]  # every cached out of dvc.yaml: what a clone lacks until it pulls
 NO_REMOTE = "no default DVC remote is configured"

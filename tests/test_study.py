@@ -17,7 +17,7 @@ import yaml
 
 from dvc.utils.hydra import apply_overrides
 
-from conftest import REPO, Repo, copy_repo, stage_env
+from conftest import REPO, Repo, copy_repo, stage_env, tiny_set
 from cifar_resnet import study
 from cifar_resnet.study import Config, StaleRun, StudyError
 
@@ -236,10 +236,9 @@ def test_every_study_folder_has_rows():
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-# test_pipeline's tiny configuration with a narrower network: the study's logic does not need more, and every seed
-# runs the range test again (it depends on the seed).
-TINY = ["data.train_limit=1024", "data.test_limit=512", "model.channels=[8,16,32,64]", "train.epochs=2",
-        "train.peak_epoch=1", "lr_range_test.num_iter=20", "lr_range_test.end_lr=100"]
+# The tiny configuration: the study's logic needs no more, and every seed runs the range test again (it depends on
+# the seed).
+TINY = tiny_set()
 
 
 class StudyRepo(Repo):

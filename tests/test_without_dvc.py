@@ -10,7 +10,7 @@ import os
 import pytest
 import yaml
 
-from conftest import REPO, stage_env
+from conftest import REPO, stage_env, tiny_set
 from cifar_resnet import without_dvc
 from cifar_resnet.errors import CifarResnetError
 
@@ -53,9 +53,7 @@ def test_stage_commands_come_from_dvc_yaml_in_its_order(monkeypatch):
         without_dvc.stage_commands({"trian"})
 
 
-TINY = ["data.train_limit=1024", "data.test_limit=512", "model.channels=[8,16,32,64]", "train.epochs=2",
-        "train.peak_epoch=1", "train.batch_size=128", "lr_range_test.num_iter=20", "lr_range_test.end_lr=100",
-        "train.threads=1", "train.device=cpu"]
+TINY = tiny_set("train.batch_size=128", "train.threads=1", "train.device=cpu")
 
 
 @pytest.mark.slow
