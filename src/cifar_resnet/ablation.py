@@ -102,15 +102,11 @@ def join_sets(sets: list[str]) -> str:
     return shlex.join(sets)
 
 
-def set_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def cumulative_sets(earlier: list[str], sets: list[str]) -> list[str]:
     """`earlier` then `sets`; a key given again takes the later value, in the place of its first mention."""
     merged: dict[str, str] = {}
     for override in [*earlier, *sets]:
-        merged[set_key(override)] = override
+        merged[study.set_key(override)] = override
     return list(merged.values())
 
 
@@ -118,7 +114,7 @@ def check_sets(sets: list[str]) -> None:
     for override in sets:
         if "=" not in override and not override.startswith("~"):
             raise AblationError(f"--set {override}: expected KEY=VALUE")
-        key = set_key(override)
+        key = study.set_key(override)
         if key in CONTROLLED:
             raise AblationError(f"--set {override}: {key} is the command's own ({CONTROLLED[key]})")
 

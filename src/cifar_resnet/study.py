@@ -592,8 +592,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def set_key(override: str) -> str:
+    """The params key a `dvc exp run -S` override names: `+key=...` adds it, `~key` removes it."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def overrides_of(args: argparse.Namespace) -> list[str]:
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in args.set]
+    keys = [set_key(o) for o in args.set]
     if "seed" in keys:
         raise StudyError("--set seed=...: the seeds come from --seeds")
     if args.device and "train.device" in keys:
