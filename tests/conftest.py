@@ -90,9 +90,9 @@ TINY_SET = ("data.train_limit=1024", "data.test_limit=512", "model.channels=[8,1
 
 def tiny_set(*changes: str) -> list[str]:
     """TINY_SET's "key=value" settings, with `changes` in place of the values they name or after them."""
-    merged = dict(s.split("=", 1) for s in TINY_SET)
-    merged.update(s.split("=", 1) for s in changes)
-    return [f"{key}={value}" for key, value in merged.items()]
+    # Imported here, not at the top: it loads pandas, which most tests never need.
+    from cifar_resnet.ablation import cumulative_sets
+    return cumulative_sets(list(TINY_SET), list(changes))
 
 
 def tiny_params(**overrides) -> dict:
