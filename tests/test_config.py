@@ -148,7 +148,6 @@ BAD_VALUES = [
     ("train.batch_size", -5),
     ("train.batch_size", 0),
     ("train.epochs", 0),
-    ("train.peak_epoch", 0),
     ("train.nproc", 0),
     ("train.threads", -1),
     ("train.weight_decay", -0.1),
@@ -222,6 +221,9 @@ BAD_VALUES = [
     ("evaluate.tta", "hflip"),
     ("evaluate.tta", "translate"),
     ("evaluate.tta", True),
+    ("seed", 2**64),
+    ("seed", -1),
+    ("train.peak_epoch", -1),
 ]
 
 
@@ -262,7 +264,7 @@ GOOD_VALUES = [
     ("augment.pad", 0, 0),
     ("augment.cutout", 0, 0),
     ("train.device", "cpu", "cpu"),
-    ("train.momentum", 0, 0.0),
+    ("train.momentum", 0.5, 0.5),
     ("train.weight_decay", 0, 0.0),
     ("train.nesterov", False, False),
     ("train.channels_last", True, True),
@@ -359,7 +361,10 @@ def test_unknown_keys_of_mixed_types_are_a_params_error():
     ({"lr_range_test": {"start_lr": 1.0, "end_lr": 0.5}}, "lr_range_test.end_lr"),
     ({"lr_range_test": {"num_iter": 9}}, "lr_range_test.num_iter"),
     ({"augment": {"pad": 0, "crop": 33}}, "augment.crop"),
-    ({"augment": {"crop": 16, "cutout": 17}}, "augment.cutout"),
+    ({"augment": {"crop": 32, "cutout": 33}}, "augment.cutout"),
+    ({"augment": {"crop": 24}}, "augment.crop"),
+    ({"augment": {"pad": 32, "pad_mode": "constant", "crop": 64}}, "augment.crop"),
+    ({"train": {"momentum": 0, "nesterov": True}}, "train.nesterov"),
     ({"augment": {"pad": 32, "pad_mode": "reflect", "crop": 32}}, "augment.pad"),
     ({"train": {"sync_bn": True, "device": "cpu"}}, "train.sync_bn"),
     ({"augment": {"flip": "alternate", "backend": "albumentations"}}, "augment.flip"),
@@ -382,10 +387,14 @@ def test_cross_check_messages_carry_the_numbers():
 
 def test_cross_checks_pass_at_their_edges():
     p = parse_params({"train": {"epochs": 6, "peak_epoch": 5, "batch_size": 512, "nproc": 4},
-                      "augment": {"pad": 32, "pad_mode": "constant", "crop": 96, "cutout": 96},
+                      "augment": {"pad": 32, "pad_mode": "constant", "crop": 63, "cutout": 63},
                       "lr_range_test": {"start_lr": 0.5, "end_lr": 0.6, "num_iter": 10}})
     assert p.train.peak_epoch == 5 and p.train.nproc == 4
-    assert p.augment.crop == 96
+    assert p.augment.crop == 63
+    assert parse_params({"augment": {"pad": 0, "crop": 32}}).augment.crop == 32
+    assert parse_params({"train": {"momentum": 0, "nesterov": False}}).train.momentum == 0
+    assert parse_params({"train": {"momentum": 0, "cycle_momentum": True}}).train.nesterov is True
+    assert parse_params({"seed": 2**64 - 1}).seed == 2**64 - 1
     assert parse_params({"train": {"sync_bn": True, "device": "cuda"}}).train.sync_bn is True
 
 
@@ -547,3 +556,84 @@ def test_the_tricks_need_what_they_name():
     assert "batched" in params_error({"augment": {"flip": "alternate", "backend": "albumentations"}})
     assert parse_params({"augment": {"flip": "alternate", "backend": "batched"}}).augment.flip == "alternate"
     assert parse_params({"augment": {"flip": "random", "backend": "albumentations"}}).augment.flip == "random"
+
+
+# ------------------------------------------------------------------------------------------- YAML 1.2 numbers
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("1e-05", 1e-05), ("1e-5", 1e-05), ("1E5", 1e5), ("-2.5e-3", -2.5e-3), ("1.0e+3", 1000.0), (".5", 0.5),
+    ("5.", 5.0), ("0.0005", 0.0005), (".inf", math.inf), ("15", 15), ("012", 12), ("0x1F", 31), ("0o17", 15),
+    ("-3", -3), ("1_000", "1_000"), ("auto", "auto"), ("true", True), ("null", None)])
+def test_params_read_numbers_by_yaml_1_2_rules_as_dvc_writes_them(text, value):
+    from cifar_resnet.config import read_yaml
+
+    got = read_yaml(f"x: {text}")["x"]
+    assert got == value and type(got) is type(value)
+
+
+def test_small_floats_as_dvc_and_hands_write_them_are_numbers(tmp_path):
+    """`dvc exp run -S train.weight_decay=1e-5` writes `1e-05`: PyYAML's YAML 1.1 reads that as a string."""
+    assert isinstance(yaml.safe_load("x: 1e-05")["x"], str)  # why params.yaml is not read with safe_load
+    path = write_params(tmp_path, "train:\n  weight_decay: 1e-05\nlr_range_test:\n  start_lr: 1e-4\n")
+    p = load_params(path)
+    assert p.train.weight_decay == 1e-05 and p.lr_range_test.start_lr == 1e-4
+
+
+def test_a_one_epoch_run_starts_its_cycle_at_lr_max():
+    from cifar_resnet.schedule import OneCycle
+
+    p = parse_params({"train": {"epochs": 1, "peak_epoch": 0}})
+    assert (p.train.epochs, p.train.peak_epoch) == (1, 0)
+    schedule = OneCycle.for_run(0.004, 0.4, p.train.epochs, p.train.peak_epoch, 10)
+    assert schedule(0) == 0.4 and schedule(9) == pytest.approx(0.004)
+    assert all(schedule(i) > schedule(i + 1) for i in range(9))
+
+
+def test_seed_beyond_what_torch_takes_fails_validation():
+    import torch
+
+    with pytest.raises((RuntimeError, ValueError)):
+        torch.manual_seed(2**64)  # what the seed would have crashed with at the first stage
+    assert params_error({"seed": 2**64}) == "seed: expected an integer in [0, 2**64), got 18446744073709551616"
+
+
+@pytest.mark.parametrize("crop", [31, 64])
+def test_a_crop_the_network_cannot_take_fails_validation(crop):
+    """The crop bounds are the network's: 32 to 63 pixels come out of its last max-pool as one pixel."""
+    import torch
+
+    from cifar_resnet.model import build_model
+
+    net = build_model(parse_params({"model": {"channels": [4, 4, 4, 4]}}).model).eval()
+    with pytest.raises(RuntimeError):
+        net(torch.zeros(1, 3, crop, crop))
+    for good in (32, 63):
+        assert net(torch.zeros(1, 3, good, good)).shape == (1, 10)
+    assert params_error({"augment": {"pad": 16, "pad_mode": "constant", "crop": crop}}) == (
+        f"augment.crop: the network takes 32 to 63 pixels, got {crop}")
+
+
+def test_nesterov_without_momentum_fails_validation_as_sgd_would():
+    import torch
+
+    with pytest.raises(ValueError):
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0, nesterov=True)
+    assert params_error({"train": {"momentum": 0}}).startswith("train.nesterov: Nesterov momentum needs")
+
+
+@pytest.mark.parametrize(("data", "key"), [({"train_limit": 5 * 64 - 100 + 1, "val_size": 100}, "data.train_limit"),
+                                           ({"test_limit": 65}, "data.test_limit")])
+def test_a_subset_limit_above_the_data_fails_naming_the_key(tmp_path, data, key):
+    """A limit above what the files hold is refused, not quietly capped (64 images per batch file here)."""
+    from conftest import write_cifar_folder
+    from cifar_resnet.data import load_cifar10
+
+    folder = write_cifar_folder(tmp_path / "cifar-10-batches-py", per_batch=64)
+    md5s = dict(line.split()[::-1] for line in (tmp_path / "MD5SUMS").read_text().splitlines())
+    md5s = {Path(name).name: md5 for name, md5 in md5s.items()}
+    with pytest.raises(ParamsError, match=f"^{key}: expected at most the "):
+        load_cifar10(folder, md5s=md5s, **data)
+    exact = {k: v - 1 if k.endswith("limit") else v for k, v in data.items()}
+    whole = load_cifar10(folder, md5s=md5s, **exact)
+    assert len(whole.train_images) + len(whole.test_images) > 0

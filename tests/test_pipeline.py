@@ -89,6 +89,18 @@ def test_going_back_restores_from_the_run_cache(repo):
     assert repo.json("metrics/train.json")["lr_max"] == 0.05
 
 
+def test_small_float_overrides_as_dvc_writes_them(repo):
+    """DVC writes `-S train.weight_decay=1e-5` into params.yaml as `1e-05` (YAML 1.2): every stage reads it as a
+    number. lr_max is pinned so that the range test's pick at the other start LR cannot decide the outcome."""
+    result = repo.exp_run("train.weight_decay=1e-5", "lr_range_test.start_lr=1e-5", "lr_max=0.05")
+    assert "weight_decay: 1e-05" in (repo.path / "params.yaml").read_text()
+    assert ran(result, "lr_range_test") and ran(result, "train"), result.stdout
+    first_lr = (repo.path / "plots/lr_range_test.tsv").read_text().splitlines()[1].split("\t")[1]  # iteration, lr, ...
+    assert float(first_lr) == pytest.approx(1e-5)
+    lock = (repo.path / "dvc.lock").read_text()
+    assert "weight_decay: 1e-05" in lock and "start_lr: 1e-05" in lock
+
+
 def test_far_too_high_lr_fails_with_epoch_step_and_lr(repo):
     result = repo.exp_run("lr_max=1000", check=False)
     assert result.returncode != 0

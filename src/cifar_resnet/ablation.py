@@ -55,10 +55,10 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from cifar_resnet import study, without_dvc
 from cifar_resnet.atomic import atomic_path, write_text
+from cifar_resnet.config import read_yaml
 from cifar_resnet.entry import run_command
 from cifar_resnet.errors import CifarResnetError
 from cifar_resnet.paths import EVALUATE_JSON, TRAIN_HISTORY, TRAIN_JSON, TRAIN_TIMING
@@ -232,7 +232,7 @@ def markdown_table(rows: pd.DataFrame) -> str:
 def make_numbers(read, seed, code: dict, source: str) -> dict:
     """`study.read_run`'s row maker for an ablation experiment: its validation numbers (a refusal of any test number
     it holds), and the train stage's outputs as its dvc.lock records them."""
-    lock = yaml.safe_load(read("dvc.lock").decode())["stages"]["train"]
+    lock = read_yaml(read("dvc.lock").decode())["stages"]["train"]
     return {**validation_numbers(read, code, source), "train_outs": {o["path"]: o.get("md5") for o in lock["outs"]}}
 
 
@@ -283,7 +283,7 @@ def test_numbers(read, paths: list[str]) -> list[str]:
 def row_output_files(ref: str, names=("train", "evaluate")) -> list[str]:
     """The git files (uncached metrics and plots) among the outputs that the row's stages wrote in experiment
     `ref`, folders listed file by file."""
-    lock = yaml.safe_load(study.git("show", f"{ref}:dvc.lock").stdout) or {}
+    lock = read_yaml(study.git("show", f"{ref}:dvc.lock").stdout) or {}
     outs = [o["path"] for name in names for o in (lock.get("stages") or {}).get(name, {}).get("outs") or []]
     if not outs:
         return []
@@ -424,7 +424,7 @@ def run_row(row: str, sets: list[str], seed: int = 0, val_size: int = VAL_SIZE, 
         numbers, commit = numbers_with_dvc(row, wanted, code, graph)
     else:
         commit = commit or study.head()
-        raw = yaml.safe_load(Path("params.yaml").read_text()) or {}
+        raw = read_yaml(Path("params.yaml").read_text()) or {}
         for overrides in wanted.values():
             without_dvc.apply_overrides(raw, overrides)  # validates all three before anything runs
         numbers = numbers_without_dvc(row, wanted, code, graph)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,7 @@ class LrRangeTestParams:
 @dataclass(frozen=True)
 class TrainParams:
     epochs: int = field(default=24, metadata=_check("positive"))
-    peak_epoch: int = field(default=5, metadata=_check("positive"))
+    peak_epoch: int = field(default=5, metadata=_check("non_negative"))  # 0: the cycle starts at LRMAX
     batch_size: int = field(default=512, metadata=_check("positive"))
     momentum: float = field(default=0.9, metadata=_check("fraction"))
     nesterov: bool = True
@@ -102,7 +103,7 @@ class GalleryParams:
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = field(default=0, metadata=_check("non_negative"))
+    seed: int = field(default=0, metadata=_check("seed"))
     lr_max: float | str = field(default="auto", metadata=_check("auto_or_positive"))
     lr_min_factor: float = field(default=0.01, metadata=_check("open_unit"))
     data: DataParams = DataParams()
@@ -121,7 +122,12 @@ _RULES = {
     "fraction": ("a number in [0, 1)", lambda v: 0 <= v < 1),
     "open_unit": ("a number in (0, 1)", lambda v: 0 < v < 1),
     "odd": ("an odd integer > 0 (a centred window)", lambda v: v > 0 and v % 2 == 1),
+    "seed": ("an integer in [0, 2**64)", lambda v: 0 <= v < 2**64),  # what torch.manual_seed takes
 }
+
+# The network halves the image three times (Layer1, Layer2, Layer3) and then max-pools 4 x 4 into one 512-wide
+# vector for its linear layer: a training crop must be 32 to 63 pixels wide to come out as exactly one pixel.
+NETWORK_INPUT = (32, 63)
 
 
 def _type_name(tp) -> str:
@@ -200,8 +206,13 @@ def _cross_checks(p: Params) -> None:
     t, a = p.train, p.augment
     if t.peak_epoch >= t.epochs:
         raise ParamsError(f"train.peak_epoch: expected less than train.epochs ({t.epochs}), got {t.peak_epoch}")
+    if t.nesterov and t.momentum == 0 and not t.cycle_momentum:
+        raise ParamsError("train.nesterov: Nesterov momentum needs train.momentum above 0; set nesterov to false")
     if t.batch_size % t.nproc:
         raise ParamsError(f"train.batch_size: expected a multiple of train.nproc ({t.nproc}), got {t.batch_size}")
+    if not NETWORK_INPUT[0] <= a.crop <= NETWORK_INPUT[1]:
+        raise ParamsError(f"augment.crop: the network takes {NETWORK_INPUT[0]} to {NETWORK_INPUT[1]} pixels, "
+                          f"got {a.crop}")
     if a.crop > 32 + 2 * a.pad:
         raise ParamsError(f"augment.crop: expected at most 32 + 2 * augment.pad = {32 + 2 * a.pad}, got {a.crop}")
     if a.cutout > a.crop:
@@ -223,6 +234,37 @@ def _cross_checks(p: Params) -> None:
         raise ParamsError("train.sync_bn: SyncBatchNorm runs on GPUs only; set it to false with train.device=cpu")
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's numbers: DVC writes `-S train.weight_decay=1e-5` as `1e-05`, a float
+    in YAML 1.2 and a string in PyYAML's YAML 1.1 (which wants a dot in a float)."""
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+# YAML 1.2's integers: 012 is twelve (1.1: octal ten), 0o12 octal, 0x12 hex; no 1_000 and no 1:30 (sexagesimal).
+_Yaml12Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                    list("-+0123456789"))
+
+
+def _yaml12_int(loader, node) -> int:
+    text = loader.construct_scalar(node)
+    return int(text, 0) if text[:2] in ("0o", "0x") else int(text, 10)
+
+
+_Yaml12Loader.add_constructor(_INT, _yaml12_int)
+_Yaml12Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:
+    [-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?   # 1.5, 1., .5, 1.5e-3
+    |[-+]?[0-9]+[eE][-+]?[0-9]+                        # 1e-05, 1E5 (a plain 15 stays an integer)
+    |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def read_yaml(text: str):
+    """YAML text (params.yaml, dvc.lock) -> Python objects, numbers read by YAML 1.2's rules, as DVC writes them."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def parse_params(raw) -> Params:
     params = _build(Params, raw if raw is not None else {}, "")
     _cross_checks(params)
@@ -232,7 +274,7 @@ def parse_params(raw) -> Params:
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found (run from the repository root)") from None
     except yaml.YAMLError as exc:

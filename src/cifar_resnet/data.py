@@ -29,7 +29,7 @@ import torch
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import calculate_md5, download_url, extract_archive
 
-from cifar_resnet.errors import DataError
+from cifar_resnet.errors import DataError, ParamsError
 
 # md5 of every member of the official archive (https://www.cs.toronto.edu/~kriz/cifar.html).
 OFFICIAL_MD5 = {
@@ -247,6 +247,12 @@ def _fixed_order(n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
 
 
+def _within(key: str, limit: int | None, available: int, what: str) -> None:
+    """A subset limit above what the data holds is a mistake, not a quiet cap."""
+    if limit is not None and limit > available:
+        raise ParamsError(f"{key}: expected at most the {available} {what}, got {limit}")
+
+
 @dataclass
 class Cifar10Test:
     """The test split alone: uint8 images (N, 3, 32, 32), int64 labels, class names."""
@@ -282,6 +288,7 @@ def load_test_split(folder: str | Path, test_limit: int | None = None,
                     md5s: dict[str, str] | None = None) -> Cifar10Test:
     """Only the test batch (and the class names) of the verified folder: the same test subset as load_cifar10's."""
     images, labels, classes = _read_files(Path(folder), TEST_FILES, expected_md5s(md5s))
+    _within("data.test_limit", test_limit, len(images), "test images")
     idx = torch.arange(len(images)) if test_limit is None else _fixed_order(len(images))[:test_limit]
     idx = idx.sort().values  # sorted indices keep a subset in file order (cheaper gathers, same content)
     return Cifar10Test(images[idx], labels[idx], classes)
@@ -296,6 +303,7 @@ def load_cifar10(folder: str | Path, train_limit: int | None = None, test_limit:
         raise DataError(f"data.val_size ({val_size}) must be below the {len(train_x)} training images")
     order = _fixed_order(len(train_x))
     val_idx, train_idx = order[:val_size], order[val_size:]
+    _within("data.train_limit", train_limit, len(train_idx), f"training images left after data.val_size ({val_size})")
     if train_limit is not None:
         train_idx = train_idx[:train_limit]
     train_idx, val_idx = train_idx.sort().values, val_idx.sort().values

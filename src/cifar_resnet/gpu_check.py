@@ -181,11 +181,11 @@ def _timing_params(path: str):
     then the CPU), one process, the test split evaluated each epoch."""
     import yaml
 
-    from cifar_resnet.config import parse_params
+    from cifar_resnet.config import parse_params, read_yaml
     from cifar_resnet.errors import ParamsError
 
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = read_yaml(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found (run from the repository root, or pass --params)") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:

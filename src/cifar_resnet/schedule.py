@@ -1,7 +1,7 @@
 """One Cycle LR, stepped per batch, without annihilation.
 
 The LR rises linearly from LRMIN at the first step to LRMAX at the last step of epoch `peak_epoch`, then falls
-linearly to LRMIN at the last step of the last epoch. It never goes below LRMIN. Momentum stays constant (Nesterov
+linearly to LRMIN at the last step of the last epoch (`peak_epoch` 0: it starts at LRMAX and only falls). It never goes below LRMIN. Momentum stays constant (Nesterov
 0.9) unless `train.cycle_momentum` asks for the 1cycle policy's: 0.95 -> 0.85 -> 0.95, inversely to the LR.
 """
 
@@ -22,7 +22,8 @@ class OneCycle:
 
     @classmethod
     def for_run(cls, lr_min: float, lr_max: float, epochs: int, peak_epoch: int, steps_per_epoch: int) -> "OneCycle":
-        return cls(lr_min, lr_max, epochs * steps_per_epoch, peak_epoch * steps_per_epoch - 1)
+        # peak_epoch 0: the first step runs at LRMAX and the whole run anneals (a one-epoch run can have a cycle)
+        return cls(lr_min, lr_max, epochs * steps_per_epoch, max(peak_epoch * steps_per_epoch - 1, 0))
 
     def __call__(self, step: int) -> float:
         """LR of step `step` (0-based, counted over the whole run)."""

@@ -39,6 +39,7 @@ import pandas as pd
 import yaml
 
 from cifar_resnet.atomic import atomic_path, write_json
+from cifar_resnet.config import read_yaml
 from cifar_resnet.entry import run_command
 from cifar_resnet.errors import CifarResnetError
 from cifar_resnet.paths import EVALUATE_JSON, TRAIN_JSON, TRAIN_TIMING
@@ -143,7 +144,7 @@ def wanted_params(overrides: list[str]) -> dict:
         except InvalidArgumentError as exc:
             cause = f": {exc.__cause__}".splitlines()[0] if exc.__cause__ else ""
             raise StudyError(f"--set {' '.join(overrides)}: not a valid override of params.yaml{cause}") from None
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     parse_params(raw)
     return flatten(raw)
 
@@ -230,11 +231,11 @@ def read_run(read, source: str, make=None) -> Run:
     whose numbers and params may not belong together (StaleRun). `make(read, seed, code, source)` makes its row
     (default `make_row`, the study's; the ablation has its own).
     """
-    lock = load_file(read, "dvc.lock", yaml.safe_load, source)
+    lock = load_file(read, "dvc.lock", read_yaml, source)
     stages = lock.get("stages") or {}
     graph = {name: ([d["path"] for d in stage.get("deps") or []], [o["path"] for o in stage.get("outs") or []])
              for name, stage in stages.items()}
-    params = flatten(load_file(read, "params.yaml", yaml.safe_load, source))
+    params = flatten(load_file(read, "params.yaml", read_yaml, source))
     hashes = _check_lock(read, stages, graph, params, source)
     code = {path: hashes[path] for path in source_files(graph)}
     return Run(params, code, (make or make_row)(read, params["seed"], code, source))
