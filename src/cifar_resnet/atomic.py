@@ -1,7 +1,12 @@
-"""Atomic writes: a final output appears whole under its name or not at all (temp file + os.replace)."""
+"""Atomic writes: a final output appears whole under its name or not at all (temp file + os.replace).
+
+A write that fails for want of room (a full disk, a quota, a file-size limit) raises OutputError, one line naming
+the path; the file under that name, if any, is left as it was.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -11,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar_resnet.errors import NO_ROOM, OutputError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -19,16 +26,30 @@ os.umask(_UMASK)
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; on success it is renamed to `path`, on error removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with no_room_is_an_output_error(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a final output gets the usual permissions
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        with no_room_is_an_output_error(path):
+            yield Path(tmp)
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def no_room_is_an_output_error(path: str | Path):
+    """Turn a failure to write `path` for want of room into one line that names it; other errors pass."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in NO_ROOM:
+            raise
+        raise OutputError(f"{path}: cannot be written ({os.strerror(exc.errno)}); nothing was written under "
+                          "that name: free some space and run again") from None
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -59,3 +80,15 @@ def write_npz(path: str | Path, **arrays) -> None:
             member.compress_type = zipfile.ZIP_DEFLATED
             with archive.open(member, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+
+def write_torch(path: str | Path, obj) -> None:
+    """torch.save, atomically. Serialised in memory first: torch.save reports a failed write as a bare RuntimeError
+    ("unexpected pos"), which would hide a full disk; a plain file write says ENOSPC. To a file object, not a path:
+    the records inside are not named after the temporary file, so the same object gives the same bytes."""
+    import torch  # here: the stages that write no tensors never import torch for this module
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getbuffer())

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cifar_resnet.atomic import atomic_path
+from cifar_resnet.atomic import atomic_path, write_torch
 
 FILE = "checkpoint.pt"
 
@@ -63,8 +63,7 @@ def _folder(key: str) -> Path:
 
 
 def save(key: str, state: dict) -> None:
-    with atomic_path(_folder(key) / FILE) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)  # a file object: the records inside are not named after the temporary file
+    write_torch(_folder(key) / FILE, state)
 
 
 def write_identity(key: str, identity: dict) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
-from cifar_resnet.errors import CifarResnetError
+from cifar_resnet.errors import NO_ROOM, CifarResnetError
 
 
 def _raise_interrupt(signum, _frame):
@@ -33,6 +34,12 @@ def run_command(work, interrupted: str) -> int:
         work()
     except CifarResnetError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as exc:  # out of room where no atomic write caught it (a library's own files)
+        if exc.errno not in NO_ROOM:
+            raise
+        print(f"error: {exc.filename or 'an output'}: cannot be written ({os.strerror(exc.errno)}); free some "
+              "space and run again", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         print(f"interrupted: {interrupted}", file=sys.stderr)

@@ -1,5 +1,9 @@
 """The project's own exceptions: user errors a person can act on. Stage entry points print them and exit 1."""
 
+import errno
+
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a write that fails for want of room: disk, quota, size limit
+
 
 class CifarResnetError(Exception):
     """Base of every user-facing error (bad params, bad data, a diverged run)."""
@@ -11,6 +15,10 @@ class ParamsError(CifarResnetError):
 
 class DataError(CifarResnetError):
     """The CIFAR-10 files are missing, corrupt or not what they claim to be."""
+
+
+class OutputError(CifarResnetError):
+    """An output or checkpoint cannot be written: no room on the disk, a quota, a file-size limit."""
 
 
 class DivergedError(CifarResnetError):

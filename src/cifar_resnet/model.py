@@ -14,7 +14,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from cifar_resnet.atomic import atomic_path
+from cifar_resnet.atomic import write_torch
 from cifar_resnet.config import ModelParams, load_params
 from cifar_resnet.errors import DataError, ParamsError
 
@@ -164,8 +164,7 @@ def save_trained(path, model: ResNet9, model_params, mean, std, classes, extra: 
     """Weights plus what is needed to use them later: the model config, normalisation and class names."""
     state = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
              "model": asdict(model_params), "mean": list(mean), "std": list(std), "classes": list(classes), **extra}
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)  # a file object: the records inside are not named after the temporary file
+    write_torch(path, state)
 
 
 def load_trained(path) -> tuple[ResNet9, dict]:
