@@ -10,6 +10,7 @@ from cifar_resnet.bootstrap import start_stage_process
 
 start_stage_process(fast_allocator=True)  # before torch is imported: see its docstring
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -53,25 +54,27 @@ def run(params, dist: Dist) -> None:
     data = load_cifar10(DATA_DIR, d.train_limit, d.test_limit, d.val_size)
     mean, std = data.mean_std()
     key, identity = checkpoint.run_identity(params, lr_max, lr_min, dist.world_size, expected_md5s())
-    if dist.is_main:
-        checkpoint.claim(key, identity, log=say)
-    say(f"train: {len(data.train_images)} images ({len(data.val_images)} held out for validation), "
-        f"LRMAX {lr_max:.4g} from {source}, LRMIN {lr_min:.4g}, {runtime.describe()}, {dist.world_size} process(es)")
-    # Live per-epoch metrics (dvclive/, apart from the final files below): rank 0 writes them after every epoch
-    # (unless CIFAR_RESNET_LIVE=off: a run without DVC).
-    live = LiveHistory() if dist.is_main and live_wanted() else None
-    try:
-        result = train(params, data, mean, std, lr_max, lr_min, runtime, dist, run_key=key, log=say, on_epoch=live)
-    except DivergedError:
+    # Rank 0 holds the checkpoint folder from here until it is removed: no other live run of this config uses it.
+    with checkpoint.claimed(key, identity, log=say) if dist.is_main else contextlib.nullcontext():
+        say(f"train: {len(data.train_images)} images ({len(data.val_images)} held out for validation), "
+            f"LRMAX {lr_max:.4g} from {source}, LRMIN {lr_min:.4g}, {runtime.describe()}, "
+            f"{dist.world_size} process(es)")
+        # Live per-epoch metrics (dvclive/, apart from the final files below): rank 0 writes them after every epoch
+        # (unless CIFAR_RESNET_LIVE=off: a run without DVC).
+        live = LiveHistory() if dist.is_main and live_wanted() else None
+        try:
+            result = train(params, data, mean, std, lr_max, lr_min, runtime, dist, run_key=key, log=say,
+                           on_epoch=live)
+        except DivergedError:
+            if dist.is_main:
+                checkpoint.remove(key)  # resuming would only diverge again
+            raise
+        finally:
+            if live is not None:
+                live.close()
         if dist.is_main:
-            checkpoint.remove(key)  # resuming would only diverge again
-        raise
-    finally:
-        if live is not None:
-            live.close()
-    if dist.is_main:
-        write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min, source, started)
-        checkpoint.remove(key)
+            write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min, source, started)
+            checkpoint.remove(key)
 
 
 def write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min, source, started) -> None:

@@ -127,8 +127,8 @@ def held():
     """Start held train stages; whatever a test leaves running is killed at its end."""
     started: list[Held] = []
 
-    def start(ws: Path, cache: Path) -> Held:
-        started.append(Held(ws, cache))
+    def start(ws: Path, cache: Path, epoch: int = 1) -> Held:
+        started.append(Held(ws, cache, epoch))
         return started[-1]
 
     yield start
@@ -232,6 +232,26 @@ def test_checkpoint_of_other_params_is_not_resumed(tmp_path, held):
     assert result.returncode == 0, result.stderr
     assert "Resuming" not in result.stdout
     assert "Starting afresh" in result.stdout and "train.weight_decay" in result.stdout
+
+
+def test_a_second_live_run_of_the_same_config_fails_clearly_and_the_first_finishes(baseline, tmp_path, held):
+    """Two workspaces, one config, one cache: the checkpoint folder belongs to the run that holds it."""
+    cache = tmp_path / "cache"
+    first = held(make_workspace(tmp_path / "first", PER_BATCH, train={"epochs": EPOCHS}), cache)
+    first.wait_held(EPOCHS)
+    (folder,) = (cache / "checkpoints").iterdir()
+    second = make_workspace(tmp_path / "second", PER_BATCH, train={"epochs": EPOCHS})
+    result = _train(second, cache)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert (f"error: another live run of the same config holds {folder} (pid {first.pid})"
+            in result.stderr), result.stderr
+    assert "Resuming" not in result.stdout and not (second / "metrics/train.json").exists()
+    assert (folder / "checkpoint.pt").is_file(), "the first run's checkpoint is left alone"
+    os.write(first.fd, b"go\n")  # release the first run: it finishes as if alone
+    out = first.output()
+    assert first.proc.returncode == 0, out
+    assert "Resuming" not in out and _metrics(tmp_path / "first") == _metrics(baseline[0])
+    assert not folder.exists()
 
 
 def test_divergence_fails_with_epoch_step_and_lr(tmp_path):

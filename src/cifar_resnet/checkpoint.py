@@ -5,23 +5,32 @@ They live under the user's cache directory ($CIFAR_RESNET_CACHE, else $XDG_CACHE
 source of every cifar_resnet module loaded and of the stage script, the data's md5s). A queued experiment, which
 runs in a temporary copy of the repo, therefore finds its own checkpoint after a restart, and a checkpoint made
 under other params or code is never resumed from. The folder is removed when the stage succeeds.
+
+A run holds an exclusive lock on its folder for its whole life (`claimed`); the system drops it when the process
+ends, however it ends. A folder no live process holds is free to resume from, whichever workspace or queued copy
+made it; while one is held, a second run of the same config fails at once rather than resume from the other's
+half-finished state and have its folder removed under it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from cifar_resnet.atomic import atomic_path
+from cifar_resnet.errors import CifarResnetError
 
 FILE = "checkpoint.pt"
+LOCK = "lock"  # holds the pid of the run that holds the folder
 
 
 def cache_root() -> Path:
@@ -86,13 +95,64 @@ def load(key: str, log=print) -> dict | None:
     return None
 
 
-def claim(key: str, identity: dict, log=print) -> None:
-    """Before a run starts: say why an earlier checkpoint of this workspace is not resumed, and label this one."""
-    if not exists(key):
-        why = explain_fresh_start(key, identity)
-        if why:
-            log(why)
-    write_identity(key, identity)
+@contextmanager
+def claimed(key: str, identity: dict, log=print):
+    """Hold the folder of `key` while the run lives; on entry say why an earlier checkpoint of this workspace is not
+    resumed, and label this one. Raises CifarResnetError if another live process holds it."""
+    folder = _folder(key)
+    fd = _hold(folder)
+    try:
+        if not exists(key):
+            why = explain_fresh_start(key, identity)
+            if why:
+                log(why)
+        write_identity(key, identity)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _hold(folder: Path) -> int:
+    """A descriptor of `folder`'s lock file, locked by this process, the folder made if need be."""
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = _try_lock(folder)
+        except FileNotFoundError:  # its last holder removed the folder meanwhile: make it again
+            continue
+        if fd is None:
+            raise CifarResnetError(f"another live run of the same config holds {folder} (pid {_holder(folder)}); "
+                                   "wait for it to end, or stop it and run again to resume from its checkpoint")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+
+def _try_lock(folder: Path) -> int | None:
+    """`folder`'s lock file, open and locked; None if a live process holds it. FileNotFoundError if the folder was
+    removed: a holder removes its folder while it holds the lock, and a lock taken on the removed file, or on one
+    removed between opening and locking, would guard nothing."""
+    path = folder / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        opened, named = os.fstat(fd), os.stat(path)
+        if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
+            raise FileNotFoundError(path)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _holder(folder: Path) -> str:
+    try:
+        return (folder / LOCK).read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def explain_fresh_start(key: str, identity: dict) -> str | None:
@@ -129,4 +189,5 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def remove(key: str) -> None:
+    """Remove the folder of `key`; a stage calls it while it holds the folder (`claimed`)."""
     shutil.rmtree(_folder(key), ignore_errors=True)
