@@ -53,7 +53,8 @@ def run(params, dist: Dist) -> None:
     d = params.data
     data = load_cifar10(DATA_DIR, d.train_limit, d.test_limit, d.val_size)
     mean, std = data.mean_std()
-    key, identity = checkpoint.run_identity(params, lr_max, lr_min, dist.world_size, expected_md5s())
+    key, identity = checkpoint.run_identity(params, lr_max, lr_min, runtime, dist.world_size,
+                                            expected_md5s())
     # Rank 0 holds the checkpoint folder from here until it is removed: no other live run of this config uses it.
     with checkpoint.claimed(key, identity, log=say) if dist.is_main else contextlib.nullcontext():
         say(f"train: {len(data.train_images)} images ({len(data.val_images)} held out for validation), "

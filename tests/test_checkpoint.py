@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+from conftest import tiny_params
 
 from cifar_resnet import checkpoint
+from cifar_resnet.config import parse_params
 from cifar_resnet.errors import CifarResnetError
+from cifar_resnet.runtime import Runtime
 
 
 @pytest.fixture(autouse=True)
@@ -26,3 +30,28 @@ def test_a_held_folder_is_refused_and_freed_when_its_holder_removes_it(cache):
             assert (cache / "checkpoints" / "k" / "identity.json").is_file()
     with checkpoint.claimed("k", {"config": {}}, log=print):  # released on exit
         pass
+
+
+def _identity(device: str = "cpu", precision: str = "bf16", processes: int = 1) -> tuple[str, dict]:
+    runtime = Runtime(torch.device(device), precision, channels_last=False, threads=1)  # as pick_runtime resolves
+    return checkpoint.run_identity(parse_params(tiny_params()), 0.2, 0.002, runtime, processes, {})
+
+
+def test_a_checkpoint_of_another_device_precision_or_process_count_is_not_resumed_and_the_stage_says_why(
+        tmp_path, monkeypatch):
+    """A CPU bf16 checkpoint has no grad-scaler state: resumed where fp16 runs, loading it would fail; resumed on
+    another device or process count, the run would quietly continue another run's numbers."""
+    monkeypatch.chdir(tmp_path)
+    key, identity = _identity()
+    with checkpoint.claimed(key, identity, log=print):
+        checkpoint.save(key, {"epoch": 1})
+    for other, changed in ((_identity("cuda", "fp16"), "runtime.device, runtime.precision"),
+                           (_identity("mps", "bf16"), "runtime.device"),
+                           (_identity("cpu", "fp32"), "runtime.precision"),
+                           (_identity(processes=2), "runtime.processes")):
+        assert other[0] != key and not checkpoint.exists(other[0])
+        said = []
+        with checkpoint.claimed(*other, log=said.append):
+            checkpoint.remove(other[0])
+        assert said == [f"Starting afresh: the checkpoint left here was made under other {changed}"]
+    assert _identity()[0] == key and checkpoint.exists(key)

@@ -2,9 +2,9 @@
 
 They live under the user's cache directory ($CIFAR_RESNET_CACHE, else $XDG_CACHE_HOME/cifar_resnet, else
 ~/.cache/cifar_resnet), in a folder named by a hash of everything that shapes the run (the params train reads, the
-source of every cifar_resnet module loaded and of the stage script, the data's md5s). A queued experiment, which
-runs in a temporary copy of the repo, therefore finds its own checkpoint after a restart, and a checkpoint made
-under other params or code is never resumed from. The folder is removed when the stage succeeds.
+resolved device kind, precision and process count, the source of every cifar_resnet module loaded and of the stage
+script, the data's md5s). A queued experiment, which runs in a temporary copy of the repo, therefore finds its own
+checkpoint after a restart, and a checkpoint made under other params, runtime or code is never resumed from. The folder is removed when the stage succeeds.
 
 A run holds an exclusive lock on its folder for its whole life (`claimed`); the system drops it when the process
 ends, however it ends. A folder no live process holds is free to resume from, whichever workspace or queued copy
@@ -52,13 +52,17 @@ def code_fingerprint() -> dict[str, str]:
     return {k: hashlib.md5(Path(v).read_bytes()).hexdigest() for k, v in sorted(files.items())}
 
 
-def run_identity(params, lr_max: float, lr_min: float, world_size: int, data_md5: dict[str, str]) -> tuple[str, dict]:
+def run_identity(params, lr_max: float, lr_min: float, runtime, world_size: int,
+                 data_md5: dict[str, str]) -> tuple[str, dict]:
     """(key, identity): what a checkpoint must agree on to be resumed: the params train reads, the resolved LRs,
-    the process count, the code and the data; the key is a hash of it."""
+    the resolved device kind and precision and the process count (an fp16 run's optimizer state includes a grad
+    scaler's, which a bf16 or fp32 checkpoint lacks; on another device or process count the run would quietly
+    continue other numbers), the code and the data; the key is a hash of it."""
     config = {"seed": params.seed, "lr_max": lr_max, "lr_min": lr_min, "data": asdict(params.data),
               "model": asdict(params.model), "augment": asdict(params.augment), "train": asdict(params.train),
-              "evaluate": {"batch_size": params.evaluate.batch_size}, "world_size": world_size}
-    identity = {"config": config, "code": code_fingerprint(), "data": data_md5}
+              "evaluate": {"batch_size": params.evaluate.batch_size}}
+    resolved = {"device": runtime.device.type, "precision": runtime.precision, "processes": world_size}
+    identity = {"config": config, "runtime": resolved, "code": code_fingerprint(), "data": data_md5}
     blob = json.dumps(identity, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20], identity
 
