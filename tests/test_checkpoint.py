@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 import torch
@@ -55,3 +56,24 @@ def test_a_checkpoint_of_another_device_precision_or_process_count_is_not_resume
             checkpoint.remove(other[0])
         assert said == [f"Starting afresh: the checkpoint left here was made under other {changed}"]
     assert _identity()[0] == key and checkpoint.exists(key)
+
+
+def test_a_checkpoint_reaches_the_disk_before_its_name_and_its_name_after(cache, monkeypatch):
+    """fsync of the file before the rename, of the folder after: a power cut leaves the old checkpoint or the new
+    one, never an empty file under the final name."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def spy_fsync(fd):
+        events.append(("fsync", "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def spy_replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    checkpoint.save("k", {"epoch": 1})
+    inode = (cache / "checkpoints" / "k" / checkpoint.FILE).stat().st_ino
+    assert events == [("fsync", inode), ("replace", inode), ("fsync", "folder")]

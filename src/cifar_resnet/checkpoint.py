@@ -76,8 +76,18 @@ def _folder(key: str) -> Path:
 
 
 def save(key: str, state: dict) -> None:
-    with atomic_path(_folder(key) / FILE) as tmp, open(tmp, "wb") as f:
+    """Write the checkpoint atomically and durably: its bytes reach the disk before the rename, and the rename
+    after it (two fsyncs an epoch), so that after a power cut the name holds the old checkpoint or the new one."""
+    folder = _folder(key)
+    with atomic_path(folder / FILE) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)  # a file object: the records inside are not named after the temporary file
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_identity(key: str, identity: dict) -> None:
