@@ -57,6 +57,8 @@ def run(params, dist: Dist) -> None:
                                             expected_md5s())
     # Rank 0 holds the checkpoint folder from here until it is removed: no other live run of this config uses it.
     with checkpoint.claimed(key, identity, log=say) if dist.is_main else contextlib.nullcontext():
+        if dist.is_main:  # once this run holds its own folder: however old, that one is resumed, not pruned
+            checkpoint.prune(log=say)
         say(f"train: {len(data.train_images)} images ({len(data.val_images)} held out for validation), "
             f"LRMAX {lr_max:.4g} from {source}, LRMIN {lr_min:.4g}, {runtime.describe()}, "
             f"{dist.world_size} process(es)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +79,36 @@ def test_a_checkpoint_reaches_the_disk_before_its_name_and_its_name_after(cache,
     checkpoint.save("k", {"epoch": 1})
     inode = (cache / "checkpoints" / "k" / checkpoint.FILE).stat().st_ino
     assert events == [("fsync", inode), ("replace", inode), ("fsync", "folder")]
+
+
+def _folder_aged(cache, key: str, days: float) -> Path:
+    """A checkpoint folder whose files were last touched `days` ago."""
+    folder = cache / "checkpoints" / key
+    folder.mkdir(parents=True)
+    (folder / checkpoint.FILE).write_bytes(b"x")
+    then = time.time() - days * 86400
+    for path in (folder / checkpoint.FILE, folder):
+        os.utime(path, (then, then))
+    return folder
+
+
+def test_folders_untouched_for_a_week_are_pruned_unless_a_live_run_holds_them(cache, monkeypatch):
+    monkeypatch.delenv(checkpoint.DAYS_VARIABLE, raising=False)
+    old, recent, held = _folder_aged(cache, "old", 8), _folder_aged(cache, "recent", 6), _folder_aged(cache, "held", 8)
+    said = []
+    with checkpoint.claimed("held", {"config": {}}, log=print):
+        os.utime(held, (time.time() - 8 * 86400,) * 2)  # as old as the others, but held
+        checkpoint.prune(log=said.append)
+        assert held.is_dir()
+    assert not old.exists() and recent.is_dir()
+    assert said == [f"Removed the checkpoint folder {old}: not touched for 7 days"]
+    monkeypatch.setenv(checkpoint.DAYS_VARIABLE, "5.5")
+    checkpoint.prune(log=said.append)
+    assert not recent.exists()
+
+
+@pytest.mark.parametrize("value", ["week", "0", "-1", "nan"])
+def test_a_bad_age_for_pruning_fails_naming_the_variable(cache, monkeypatch, value):
+    monkeypatch.setenv(checkpoint.DAYS_VARIABLE, value)
+    with pytest.raises(CifarResnetError, match=f"CIFAR_RESNET_CHECKPOINT_DAYS: {value!r} is not"):
+        checkpoint.prune(log=print)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -252,6 +253,28 @@ def test_a_second_live_run_of_the_same_config_fails_clearly_and_the_first_finish
     assert first.proc.returncode == 0, out
     assert "Resuming" not in out and _metrics(tmp_path / "first") == _metrics(baseline[0])
     assert not folder.exists()
+
+
+def _age(folder: Path, days: float) -> None:
+    then = time.time() - days * 86400
+    for path in [*folder.iterdir(), folder]:
+        os.utime(path, (then, then))
+
+
+def test_a_train_stage_prunes_untouched_checkpoints_but_not_a_live_runs(tmp_path, held):
+    cache = tmp_path / "cache"
+    live = held(make_workspace(tmp_path / "live", PER_BATCH, train={"epochs": EPOCHS}), cache)
+    live.wait_held(EPOCHS)
+    (live_folder,) = (cache / "checkpoints").iterdir()
+    stale = cache / "checkpoints" / "stale"
+    stale.mkdir()
+    (stale / "checkpoint.pt").write_bytes(b"left by a run killed long ago")
+    _age(stale, 8)
+    _age(live_folder, 8)  # as old, but a live run holds it
+    result = _train(make_workspace(tmp_path / "other", train={"epochs": 2}), cache)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Removed the checkpoint folder {stale}: not touched for 7 days" in result.stdout
+    assert not stale.exists() and (live_folder / "checkpoint.pt").is_file()
 
 
 def test_divergence_fails_with_epoch_step_and_lr(tmp_path):

@@ -9,7 +9,9 @@ checkpoint after a restart, and a checkpoint made under other params, runtime or
 A run holds an exclusive lock on its folder for its whole life (`claimed`); the system drops it when the process
 ends, however it ends. A folder no live process holds is free to resume from, whichever workspace or queued copy
 made it; while one is held, a second run of the same config fails at once rather than resume from the other's
-half-finished state and have its folder removed under it.
+half-finished state and have its folder removed under it. Folders not touched for $CIFAR_RESNET_CHECKPOINT_DAYS days
+(default 7), the leftovers of runs killed and never rerun, are removed when a train stage starts (`prune`), unless a
+live run holds them. An environment variable, not a param: a train.* param would be part of every run's identity.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +35,8 @@ from cifar_resnet.errors import CifarResnetError
 
 FILE = "checkpoint.pt"
 LOCK = "lock"  # holds the pid of the run that holds the folder
+DAYS_VARIABLE = "CIFAR_RESNET_CHECKPOINT_DAYS"
+DAYS_DEFAULT = 7.0
 
 
 def cache_root() -> Path:
@@ -200,6 +206,50 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{k}")
     return out
+
+
+def prune(log=print) -> None:
+    """Remove every checkpoint folder not touched for the days $CIFAR_RESNET_CHECKPOINT_DAYS says (default 7)
+    that no live run holds."""
+    days = _days()
+    root = cache_root() / "checkpoints"
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            if not folder.is_dir() or time.time() - _touched(folder) < days * 86400:
+                continue
+            fd = _try_lock(folder)
+        except FileNotFoundError:  # removed meanwhile
+            continue
+        if fd is None:  # a live run holds it
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
+        log(f"Removed the checkpoint folder {folder}: not touched for {days:g} days")
+
+
+def _days() -> float:
+    value = os.environ.get(DAYS_VARIABLE) or str(DAYS_DEFAULT)
+    try:
+        days = float(value)
+    except ValueError:
+        days = math.nan
+    if not days > 0:
+        raise CifarResnetError(f"{DAYS_VARIABLE}: {value!r} is not a number of days above 0 (how long an untouched "
+                               f"checkpoint folder is kept; default {DAYS_DEFAULT:g}, 'inf' keeps them all)")
+    return days
+
+
+def _touched(folder: Path) -> float:
+    """When the folder or any file in it last changed (FileNotFoundError if the folder is gone)."""
+    latest = folder.stat().st_mtime
+    for path in folder.iterdir():
+        try:
+            latest = max(latest, path.stat().st_mtime)
+        except FileNotFoundError:  # removed meanwhile
+            pass
+    return latest
 
 
 def remove(key: str) -> None:
