@@ -67,7 +67,7 @@ def run(params, dist: Dist) -> None:
         live = LiveHistory() if dist.is_main and live_wanted() else None
         try:
             result = train(params, data, mean, std, lr_max, lr_min, runtime, dist, run_key=key, log=say,
-                           on_epoch=live)
+                           on_epoch=live, started=started)
         except DivergedError:
             if dist.is_main:
                 checkpoint.remove(key)  # resuming would only diverge again
@@ -86,7 +86,8 @@ def write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min
     metrics = {"lr_max": lr_max, "lr_min": lr_min, "lr_source": source, "epochs": params.train.epochs,
                "steps_per_epoch": len(data.train_images) // params.train.batch_size,
                **{k: v for k, v in last.items() if k not in ("epoch", "lr")}}
-    timing = {"seconds_total": round(time.perf_counter() - started, 1),
+    # A resumed run's wall time counts its earlier processes too (up to their last checkpoint).
+    timing = {"seconds_total": round(result.seconds_before + time.perf_counter() - started, 1),
               "seconds_training": round(sum(result.epoch_seconds), 1), "seconds_per_epoch": result.epoch_seconds,
               # dvc.yaml declares this file as a plot (wall time per epoch), not as a metric: the per-epoch seconds
               # again as records to draw, and no empty list anywhere (DVC's plot parser fails on one).

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_params
+from test_device_portability import tiny_data
 
 from cifar_resnet import checkpoint
 from cifar_resnet.config import parse_params
 from cifar_resnet.errors import CifarResnetError
-from cifar_resnet.runtime import Runtime
+from cifar_resnet.runtime import Runtime, pick_runtime
+from cifar_resnet.train import train
 
 
 @pytest.fixture(autouse=True)
@@ -112,3 +114,32 @@ def test_a_bad_age_for_pruning_fails_naming_the_variable(cache, monkeypatch, val
     monkeypatch.setenv(checkpoint.DAYS_VARIABLE, value)
     with pytest.raises(CifarResnetError, match=f"CIFAR_RESNET_CHECKPOINT_DAYS: {value!r} is not"):
         checkpoint.prune(log=print)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after_first(history):
+    if len(history) == 1:
+        raise _Stop
+
+
+def test_a_resumed_run_counts_the_wall_time_of_the_process_before_the_kill(cache):
+    """The checkpoint carries the wall time spent so far; the resumed run starts its count from there, so the run's
+    total covers every epoch it trained (the study and the ablation record it as train_seconds)."""
+    params = parse_params(tiny_params(train={"epochs": 3, "batch_size": 32}))
+    data = tiny_data(96, 20)
+    mean, std = data.mean_std()
+
+    def run(**kw):
+        return train(params, data, mean, std, 0.05, 0.0005, pick_runtime(params.train), run_key="k",
+                     log=lambda *_: None, **kw)
+
+    with pytest.raises(_Stop):
+        run(on_epoch=_stop_after_first)
+    first = checkpoint.load("k")
+    assert first["seconds"] >= first["epoch_seconds"][0] - 0.005  # epoch seconds are rounded to 0.01 s
+    resumed = run()
+    assert resumed.resumed_from == 2 and resumed.seconds_before == first["seconds"]
+    assert len(resumed.epoch_seconds) == 3 and resumed.epoch_seconds[0] == first["epoch_seconds"][0]

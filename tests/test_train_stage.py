@@ -194,16 +194,20 @@ def test_another_seed_differs(baseline, tmp_path):
 
 def test_sigkill_then_rerun_resumes_to_identical_metrics(baseline, tmp_path, held):
     ws, cache = make_workspace(tmp_path / "ws", PER_BATCH, train={"epochs": EPOCHS}), tmp_path / "cache"
-    run = held(ws, cache)
+    run = held(ws, cache, epoch=EPOCHS - 1)  # late: most of the run's wall time is spent before the kill
     run.wait_held(EPOCHS)
-    run.kill()  # the whole process group, held after epoch 1 of 6
+    run.kill()  # the whole process group, held after epoch 5 of 6
     assert not (ws / "metrics/train.json").exists() and not (ws / "models/model.pt").exists()
     assert list((cache / "checkpoints").glob("*/checkpoint.pt")), "the epoch checkpoint survives the kill"
     result = _train(ws, cache)
     assert result.returncode == 0, result.stderr
-    assert "Resuming from epoch 2\n" in result.stdout  # held, then stopped, after epoch 1
+    assert f"Resuming from epoch {EPOCHS}\n" in result.stdout  # held, then stopped, after epoch 5
     assert _metrics(ws) == _metrics(baseline[0])
     assert not list((cache / "checkpoints").glob("*/checkpoint.pt"))
+    # The wall time counts the epochs trained before the kill too (rounding: 0.1 s for the total, 0.01 s an epoch).
+    timing = json.loads((ws / "timing/train.json").read_text())
+    assert timing["resumed_from_epoch"] == EPOCHS and len(timing["seconds_per_epoch"]) == EPOCHS
+    assert timing["seconds_total"] >= sum(timing["seconds_per_epoch"]) - 0.05 - 0.005 * EPOCHS, timing
 
 
 def test_sigint_stops_cleanly_and_resumes(baseline, tmp_path, held):
