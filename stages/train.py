@@ -2,8 +2,9 @@
 
 LRMAX is `lr_max` from params.yaml when it is a number, else the lr_range_test stage's pick. With train.nproc > 1
 the stage relaunches itself under torchrun (DistributedDataParallel; rank 0 writes every file). A killed run
-resumes from its last finished epoch when the stage runs again with the same params and code. While it runs,
-dvclive/ holds the epochs done so far (cifar_resnet.live), for `dvc exp show` and the DVC VS Code extension.
+resumes from its last finished epoch when the stage runs again with the same params and code; while one run of a
+config is live, a second one fails at once. While it runs, dvclive/ holds the epochs done so far (cifar_resnet.live),
+for `dvc exp show` and the DVC VS Code extension.
 """
 
 from cifar_resnet.bootstrap import start_stage_process
@@ -53,8 +54,7 @@ def run(params, dist: Dist) -> None:
     d = params.data
     data = load_cifar10(DATA_DIR, d.train_limit, d.test_limit, d.val_size)
     mean, std = data.mean_std()
-    key, identity = checkpoint.run_identity(params, lr_max, lr_min, runtime, dist.world_size,
-                                            expected_md5s())
+    key, identity = checkpoint.run_identity(params, lr_max, lr_min, runtime, dist.world_size, expected_md5s())
     # Rank 0 holds the checkpoint folder from here until it is removed: no other live run of this config uses it.
     with checkpoint.claimed(key, identity, log=say) if dist.is_main else contextlib.nullcontext():
         if dist.is_main:  # once this run holds its own folder: however old, that one is resumed, not pruned
