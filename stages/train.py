@@ -2,14 +2,16 @@
 
 LRMAX is `lr_max` from params.yaml when it is a number, else the lr_range_test stage's pick. With train.nproc > 1
 the stage relaunches itself under torchrun (DistributedDataParallel; rank 0 writes every file). A killed run
-resumes from its last finished epoch when the stage runs again with the same params and code. While it runs,
-dvclive/ holds the epochs done so far (cifar_resnet.live), for `dvc exp show` and the DVC VS Code extension.
+resumes from its last finished epoch when the stage runs again with the same params and code; while one run of a
+config is live, a second one fails at once. While it runs, dvclive/ holds the epochs done so far (cifar_resnet.live),
+for `dvc exp show` and the DVC VS Code extension.
 """
 
 from cifar_resnet.bootstrap import start_stage_process
 
 start_stage_process(fast_allocator=True)  # before torch is imported: see its docstring
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -52,26 +54,30 @@ def run(params, dist: Dist) -> None:
     d = params.data
     data = load_cifar10(DATA_DIR, d.train_limit, d.test_limit, d.val_size)
     mean, std = data.mean_std()
-    key, identity = checkpoint.run_identity(params, lr_max, lr_min, dist.world_size, expected_md5s())
-    if dist.is_main:
-        checkpoint.claim(key, identity, log=say)
-    say(f"train: {len(data.train_images)} images ({len(data.val_images)} held out for validation), "
-        f"LRMAX {lr_max:.4g} from {source}, LRMIN {lr_min:.4g}, {runtime.describe()}, {dist.world_size} process(es)")
-    # Live per-epoch metrics (dvclive/, apart from the final files below): rank 0 writes them after every epoch
-    # (unless CIFAR_RESNET_LIVE=off: a run without DVC).
-    live = LiveHistory() if dist.is_main and live_wanted() else None
-    try:
-        result = train(params, data, mean, std, lr_max, lr_min, runtime, dist, run_key=key, log=say, on_epoch=live)
-    except DivergedError:
+    key, identity = checkpoint.run_identity(params, lr_max, lr_min, runtime, dist.world_size, expected_md5s())
+    # Rank 0 holds the checkpoint folder from here until it is removed: no other live run of this config uses it.
+    with checkpoint.claimed(key, identity, log=say) if dist.is_main else contextlib.nullcontext():
+        if dist.is_main:  # once this run holds its own folder: however old, that one is resumed, not pruned
+            checkpoint.prune(log=say)
+        say(f"train: {len(data.train_images)} images ({len(data.val_images)} held out for validation), "
+            f"LRMAX {lr_max:.4g} from {source}, LRMIN {lr_min:.4g}, {runtime.describe()}, "
+            f"{dist.world_size} process(es)")
+        # Live per-epoch metrics (dvclive/, apart from the final files below): rank 0 writes them after every epoch
+        # (unless CIFAR_RESNET_LIVE=off: a run without DVC).
+        live = LiveHistory() if dist.is_main and live_wanted() else None
+        try:
+            result = train(params, data, mean, std, lr_max, lr_min, runtime, dist, run_key=key, log=say,
+                           on_epoch=live, started=started)
+        except DivergedError:
+            if dist.is_main:
+                checkpoint.remove(key)  # resuming would only diverge again
+            raise
+        finally:
+            if live is not None:
+                live.close()
         if dist.is_main:
-            checkpoint.remove(key)  # resuming would only diverge again
-        raise
-    finally:
-        if live is not None:
-            live.close()
-    if dist.is_main:
-        write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min, source, started)
-        checkpoint.remove(key)
+            write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min, source, started)
+            checkpoint.remove(key)
 
 
 def write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min, source, started) -> None:
@@ -80,7 +86,8 @@ def write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min
     metrics = {"lr_max": lr_max, "lr_min": lr_min, "lr_source": source, "epochs": params.train.epochs,
                "steps_per_epoch": len(data.train_images) // params.train.batch_size,
                **{k: v for k, v in last.items() if k not in ("epoch", "lr")}}
-    timing = {"seconds_total": round(time.perf_counter() - started, 1),
+    # A resumed run's wall time counts its earlier processes too (up to their last checkpoint).
+    timing = {"seconds_total": round(result.seconds_before + time.perf_counter() - started, 1),
               "seconds_training": round(sum(result.epoch_seconds), 1), "seconds_per_epoch": result.epoch_seconds,
               # dvc.yaml declares this file as a plot (wall time per epoch), not as a metric: the per-epoch seconds
               # again as records to draw, and no empty list anywhere (DVC's plot parser fails on one).

@@ -4,6 +4,7 @@ real write meets it) and with injected ENOSPC; permissions prove nothing where t
 
 from __future__ import annotations
 
+import builtins
 import errno
 import json
 import resource
@@ -22,6 +23,26 @@ from cifar_resnet.errors import OutputError
 
 def _no_room(*_args, **_kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class _FullDisk:
+    """A file open for writing on a disk that has no room left."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, _data):
+        _no_room()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _file_on_a_full_disk(path, mode="r", *args, **kwargs):
+    return _FullDisk(builtins.open(path, mode, *args, **kwargs))
 
 
 def test_a_full_disk_leaves_the_previous_output_and_no_temp_file(tmp_path, monkeypatch):
@@ -45,7 +66,7 @@ def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
 def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR_RESNET_CACHE", str(tmp_path))
     checkpoint.save("k", {"epoch": 1, "w": torch.ones(3)})
-    monkeypatch.setattr(Path, "write_bytes", _no_room)
+    monkeypatch.setattr(atomic, "open", _file_on_a_full_disk, raising=False)  # what atomic.write_torch opens
     with pytest.raises(OutputError, match=r"checkpoint\.pt: cannot be written \(No space left on device\)"):
         checkpoint.save("k", {"epoch": 2, "w": torch.zeros(3)})
     monkeypatch.undo()

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -127,8 +128,8 @@ def held():
     """Start held train stages; whatever a test leaves running is killed at its end."""
     started: list[Held] = []
 
-    def start(ws: Path, cache: Path) -> Held:
-        started.append(Held(ws, cache))
+    def start(ws: Path, cache: Path, epoch: int = 1) -> Held:
+        started.append(Held(ws, cache, epoch))
         return started[-1]
 
     yield start
@@ -193,16 +194,20 @@ def test_another_seed_differs(baseline, tmp_path):
 
 def test_sigkill_then_rerun_resumes_to_identical_metrics(baseline, tmp_path, held):
     ws, cache = make_workspace(tmp_path / "ws", PER_BATCH, train={"epochs": EPOCHS}), tmp_path / "cache"
-    run = held(ws, cache)
+    run = held(ws, cache, epoch=EPOCHS - 1)  # late: most of the run's wall time is spent before the kill
     run.wait_held(EPOCHS)
-    run.kill()  # the whole process group, held after epoch 1 of 6
+    run.kill()  # the whole process group, held after epoch 5 of 6
     assert not (ws / "metrics/train.json").exists() and not (ws / "models/model.pt").exists()
     assert list((cache / "checkpoints").glob("*/checkpoint.pt")), "the epoch checkpoint survives the kill"
     result = _train(ws, cache)
     assert result.returncode == 0, result.stderr
-    assert "Resuming from epoch 2\n" in result.stdout  # held, then stopped, after epoch 1
+    assert f"Resuming from epoch {EPOCHS}\n" in result.stdout  # held, then stopped, after epoch 5
     assert _metrics(ws) == _metrics(baseline[0])
     assert not list((cache / "checkpoints").glob("*/checkpoint.pt"))
+    # The wall time counts the epochs trained before the kill too (rounding: 0.1 s for the total, 0.01 s an epoch).
+    timing = json.loads((ws / "timing/train.json").read_text())
+    assert timing["resumed_from_epoch"] == EPOCHS and len(timing["seconds_per_epoch"]) == EPOCHS
+    assert timing["seconds_total"] >= sum(timing["seconds_per_epoch"]) - 0.05 - 0.005 * EPOCHS, timing
 
 
 def test_sigint_stops_cleanly_and_resumes(baseline, tmp_path, held):
@@ -232,6 +237,48 @@ def test_checkpoint_of_other_params_is_not_resumed(tmp_path, held):
     assert result.returncode == 0, result.stderr
     assert "Resuming" not in result.stdout
     assert "Starting afresh" in result.stdout and "train.weight_decay" in result.stdout
+
+
+def test_a_second_live_run_of_the_same_config_fails_clearly_and_the_first_finishes(baseline, tmp_path, held):
+    """Two workspaces, one config, one cache: the checkpoint folder belongs to the run that holds it."""
+    cache = tmp_path / "cache"
+    first = held(make_workspace(tmp_path / "first", PER_BATCH, train={"epochs": EPOCHS}), cache)
+    first.wait_held(EPOCHS)
+    (folder,) = (cache / "checkpoints").iterdir()
+    second = make_workspace(tmp_path / "second", PER_BATCH, train={"epochs": EPOCHS})
+    result = _train(second, cache)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert (f"error: another live run of the same config holds {folder} (pid {first.pid})"
+            in result.stderr), result.stderr
+    assert "Resuming" not in result.stdout and not (second / "metrics/train.json").exists()
+    assert (folder / "checkpoint.pt").is_file(), "the first run's checkpoint is left alone"
+    os.write(first.fd, b"go\n")  # release the first run: it finishes as if alone
+    out = first.output()
+    assert first.proc.returncode == 0, out
+    assert "Resuming" not in out and _metrics(tmp_path / "first") == _metrics(baseline[0])
+    assert not folder.exists()
+
+
+def _age(folder: Path, days: float) -> None:
+    then = time.time() - days * 86400
+    for path in [*folder.iterdir(), folder]:
+        os.utime(path, (then, then))
+
+
+def test_a_train_stage_prunes_untouched_checkpoints_but_not_a_live_runs(tmp_path, held):
+    cache = tmp_path / "cache"
+    live = held(make_workspace(tmp_path / "live", PER_BATCH, train={"epochs": EPOCHS}), cache)
+    live.wait_held(EPOCHS)
+    (live_folder,) = (cache / "checkpoints").iterdir()
+    stale = cache / "checkpoints" / "stale"
+    stale.mkdir()
+    (stale / "checkpoint.pt").write_bytes(b"left by a run killed long ago")
+    _age(stale, 8)
+    _age(live_folder, 8)  # as old, but a live run holds it
+    result = _train(make_workspace(tmp_path / "other", train={"epochs": 2}), cache)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Removed the checkpoint folder {stale}: not touched for 7 days" in result.stdout
+    assert not stale.exists() and (live_folder / "checkpoint.pt").is_file()
 
 
 def test_divergence_fails_with_epoch_step_and_lr(tmp_path):

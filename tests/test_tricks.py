@@ -514,7 +514,8 @@ def test_resume_with_every_knob_on_is_exact_and_restores_the_ema(tmp_path, monke
 def test_checkpoint_identity_ignores_the_evaluation_knobs():
     """Training does not read evaluate.tta or evaluate.split: changing one must not make a killed run start afresh."""
     def key(**evaluate):
-        return checkpoint.run_identity(params_of(data={"val_size": 10}, evaluate=evaluate), 0.2, 0.002, 1, {})[0]
+        params = params_of(data={"val_size": 10}, evaluate=evaluate)
+        return checkpoint.run_identity(params, 0.2, 0.002, runtime_of(params), 1, {})[0]
 
     assert key() == key(tta="flip") == key(tta="flip+translate") == key(split="val") == key(split="test")
     assert key(batch_size=7) != key()  # the per-epoch evaluation reads its batch size

@@ -82,13 +82,24 @@ def write_npz(path: str | Path, **arrays) -> None:
                 np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
 
 
-def write_torch(path: str | Path, obj) -> None:
-    """torch.save, atomically. Serialised in memory first: torch.save reports a failed write as a bare RuntimeError
-    ("unexpected pos"), which would hide a full disk; a plain file write says ENOSPC. To a file object, not a path:
-    the records inside are not named after the temporary file, so the same object gives the same bytes."""
+def write_torch(path: str | Path, obj, durable: bool = False) -> None:
+    """torch.save, atomically; `durable`: the file flushed to disk before the rename and its folder after.
+
+    Serialised in memory first: torch.save reports a failed write as a bare RuntimeError ("unexpected pos"), which
+    would hide a full disk; a plain file write says ENOSPC. To a file object, not a path: the records inside are not
+    named after the temporary file, so the same object gives the same bytes."""
     import torch  # here: the stages that write no tensors never import torch for this module
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getbuffer())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    if durable:
+        folder = os.open(Path(path).parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)

@@ -31,6 +31,7 @@ class TrainResult:
     epoch_seconds: list[float] = field(default_factory=list)
     images_per_second: float = 0.0
     resumed_from: int | None = None
+    seconds_before: float = 0.0  # a resumed run: the wall time of its earlier processes, up to their last checkpoint
 
 
 @dataclass
@@ -51,9 +52,12 @@ class _Run:
 
 
 def train(params, data, mean, std, lr_max: float, lr_min: float, runtime: Runtime, dist: Dist = Dist(),
-          run_key: str | None = None, log=print, on_epoch=None) -> TrainResult:
+          run_key: str | None = None, log=print, on_epoch=None, started: float | None = None) -> TrainResult:
     """Train from scratch, or resume the checkpoint stored under `run_key`; return the model and its history.
-    `on_epoch(history)` is called on rank 0 after each epoch (live metrics)."""
+    `on_epoch(history)` is called on rank 0 after each epoch (live metrics). `started`: the time.perf_counter() at
+    which the run (the stage) started, else now; a checkpoint carries the wall time since then, and the earlier
+    processes' before that."""
+    started = time.perf_counter() if started is None else started
     tp = params.train
     torch.manual_seed(params.seed)
     with torch.device("cpu"):  # weights drawn on the host from the seed: the same start on every device
@@ -92,7 +96,8 @@ def train(params, data, mean, std, lr_max: float, lr_min: float, runtime: Runtim
         if dist.is_main:
             # Saved before the epoch is reported: a reported epoch is never lost.
             if run_key is not None and epoch % tp.checkpoint_every == 0 and epoch < tp.epochs:
-                checkpoint.save(run_key, _state(run, epoch, result))
+                so_far = result.seconds_before + time.perf_counter() - started
+                checkpoint.save(run_key, _state(run, epoch, result, so_far))
             if on_epoch is not None:
                 on_epoch(result.history)
             log(_epoch_line(row, tp.epochs, seconds, seen * dist.world_size / seconds))
@@ -134,16 +139,18 @@ def _resume(run: _Run, result: TrainResult, run_key: str, log) -> int:
         for key, value in state["ema"].items():
             run.ema.state[key].copy_(value)
     result.history, result.epoch_seconds = state["history"], state["epoch_seconds"]
+    result.seconds_before = state["seconds"]
     result.resumed_from = state["epoch"] + 1
     if run.dist.is_main:
         log(f"Resuming from epoch {result.resumed_from}")
     return result.resumed_from
 
 
-def _state(run: _Run, epoch: int, result: TrainResult) -> dict:
+def _state(run: _Run, epoch: int, result: TrainResult, seconds: float) -> dict:
+    """What a resumed run needs; `seconds`: the run's wall time so far, every process of it counted."""
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "epoch": epoch, "history": result.history,
-            "epoch_seconds": result.epoch_seconds, "ema": run.ema.state if run.ema else None}
+            "epoch_seconds": result.epoch_seconds, "seconds": seconds, "ema": run.ema.state if run.ema else None}
 
 
 def _parallel(model, tp, runtime: Runtime, dist: Dist):
