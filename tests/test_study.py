@@ -18,7 +18,7 @@ import yaml
 from dvc.utils.hydra import apply_overrides
 
 from conftest import REPO, Repo, copy_repo, stage_env, tiny_set
-from cifar_resnet import study
+from cifar_resnet import ablation, study
 from cifar_resnet.study import Config, StaleRun, StudyError
 
 # Student's t, 0.975 quantile, from the usual tables.
@@ -408,7 +408,18 @@ def test_a_study_chosen_on_validation_has_validation_rows_and_reruns(repo):
         ref = study.exp_ref(baseline, f"tiny-val-seed{seed}")
         evaluate = json.loads(repo.run("git", "show", f"{ref}:metrics/evaluate.json").stdout)
         assert evaluate["split"] == "val" and evaluate["val_accuracy"] == accuracy
+        files = repo.run("git", "ls-tree", "-r", "--name-only", ref, "--", "metrics", "plots", "dvclive").stdout.split()
+        assert "plots/history.tsv" in files and "metrics/train.json" in files
+        assert ablation.test_numbers(_reader(repo, ref), files) == []  # none computed while choosing
     summary = json.loads((repo.path / "studies/tiny-val/summary.json").read_text())
     assert summary == study.summarise(rows) and "test_accuracy" not in summary and summary["val_accuracy"]["n"] == 2
     again = repo.run(*command).stdout
     assert "seed(s) 0, 1 already done" in again and "running" not in again, again
+
+
+def _reader(repo, ref: str):
+    """study.git_reader for a repo other than the current folder's."""
+    def read(rel: str) -> bytes | None:
+        shown = subprocess.run(["git", "show", f"{ref}:{rel}"], cwd=repo.path, env=repo.env, capture_output=True)
+        return shown.stdout if shown.returncode == 0 else None
+    return read

@@ -1,6 +1,7 @@
 """The divergence watch: the first bad step is named even when the watch is read only every few steps."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -56,7 +57,8 @@ def test_the_watch_reads_every_step_on_the_cpu_and_every_20_elsewhere():
 # ------------------------------------------------------------------------------- evaluation and checkpoint knobs
 
 
-def _run(tmp_path, monkeypatch, **train):
+def _run(tmp_path, monkeypatch, val_size=0, **train):
+    """The history and the checkpointed epochs of a tiny training (the last `val_size` images held out)."""
     import cifar_resnet.checkpoint as checkpoint
     from cifar_resnet.config import parse_params
     from cifar_resnet.runtime import pick_runtime
@@ -67,9 +69,13 @@ def _run(tmp_path, monkeypatch, **train):
     monkeypatch.setenv("CIFAR_RESNET_CACHE", str(tmp_path))
     saved = []
     monkeypatch.setattr(checkpoint, "save", lambda key, state: saved.append(state["epoch"]))
-    params = parse_params(tiny_params(data={"val_size": 0}, train={"epochs": 4, "batch_size": 64, "device": "cpu",
-                                                                   "threads": 1, **train}))
+    params = parse_params(tiny_params(data={"val_size": val_size}, train={
+        "epochs": 4, "batch_size": 64, "device": "cpu", "threads": 1, **train}))
     data = tiny_data()
+    if val_size:
+        n = len(data.train_images) - val_size
+        data = replace(data, train_images=data.train_images[:n], train_labels=data.train_labels[:n],
+                       val_images=data.train_images[n:], val_labels=data.train_labels[n:])
     mean, std = data.mean_std()
     result = train_loop(params, data, mean, std, 0.05, 0.0005, pick_runtime(params.train), run_key="k",
                         log=lambda *_: None)
@@ -78,11 +84,22 @@ def _run(tmp_path, monkeypatch, **train):
 
 def test_per_epoch_evaluation_follows_its_knobs(tmp_path, monkeypatch):
     history, _ = _run(tmp_path, monkeypatch)
-    assert all("test_acc" in row for row in history)  # the default: every epoch, every held-out split
+    assert all("test_acc" in row for row in history)  # the default: every epoch, the test split (no val split)
     history, _ = _run(tmp_path, monkeypatch, eval_split="none")
     assert not any("test_acc" in row or "val_acc" in row for row in history)
     history, _ = _run(tmp_path, monkeypatch, eval_every=3)
     assert ["test_acc" in row for row in history] == [False, False, True, True]  # every 3rd, and the last
+
+
+def test_with_a_validation_split_no_test_number_is_computed_unless_asked_for(tmp_path, monkeypatch):
+    """Choosing on validation: auto evaluates the validation split alone; the test split only when named."""
+    def splits(history):
+        return [sorted(k for k in row if k.endswith(("_acc", "_loss")) and not k.startswith("train_"))
+                for row in history]
+
+    assert splits(_run(tmp_path, monkeypatch, val_size=64, epochs=2)[0]) == [["val_acc", "val_loss"]] * 2
+    assert splits(_run(tmp_path, monkeypatch, val_size=64, epochs=2, eval_split="test")[0]) == \
+        [["test_acc", "test_loss"]] * 2
 
 
 def test_checkpoints_follow_their_interval(tmp_path, monkeypatch):
