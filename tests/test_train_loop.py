@@ -1,6 +1,7 @@
 """The divergence watch: the first bad step is named even when the watch is read only every few steps."""
 
 import math
+import multiprocessing
 from dataclasses import replace
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from cifar_resnet.errors import DivergedError
 from cifar_resnet.schedule import OneCycle
-from cifar_resnet.step import DivergenceWatch
+from cifar_resnet.step import DivergenceWatch, earliest
 
 
 def _watch(schedule, every: int) -> DivergenceWatch:
@@ -52,6 +53,41 @@ def test_healthy_losses_pass():
 def test_the_watch_reads_every_step_on_the_cpu_and_every_20_elsewhere():
     assert DivergenceWatch(torch.device("cpu"), 1000.0, lambda s: 0.1, 4).every == 1
     assert DivergenceWatch(torch.device("meta"), 1000.0, lambda s: 0.1, 4).every == 20
+
+
+def test_the_earliest_bad_step_of_any_rank_comes_with_that_ranks_loss():
+    first, loss = earliest(torch.tensor([-1, 7, 5, 5]), torch.tensor([0.0, math.nan, 5e6, 3e3]))
+    assert (int(first), float(loss)) == (5, 5e6)  # step 5, first on rank 2 (rank 3's tie comes after)
+    assert int(earliest(torch.tensor([-1, -1]), torch.tensor([0.0, 0.0]))[0]) == -1
+
+
+def _diverging_rank(rank: int, store: str, out) -> None:
+    """One of two gloo ranks: rank 1's loss goes over the ceiling at step 2, rank 0's stays healthy."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        watch = DivergenceWatch(torch.device("cpu"), max_loss=1000.0, lr_of=lambda s: 0.1, steps_per_epoch=4,
+                                world_size=2)
+        losses = [2.3, 2.2, 5e6 if rank == 1 else 2.1, 2.0]
+        try:
+            _feed(watch, losses)
+            out.put((rank, None))
+        except DivergedError as err:
+            out.put((rank, (err.epoch, err.step, err.loss)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_rank_names_the_loss_of_the_rank_that_diverged(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_diverging_rank, args=(r, str(tmp_path / "store"), out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert results == {0: (1, 3, 5e6), 1: (1, 3, 5e6)}  # rank 0 stops too, naming rank 1's loss
 
 
 # ------------------------------------------------------------------------------- evaluation and checkpoint knobs
