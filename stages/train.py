@@ -48,7 +48,7 @@ def main() -> None:
 def run(params, dist: Dist) -> None:
     started = time.perf_counter()
     say = log if dist.is_main else quiet
-    runtime = pick_runtime(params.train, dist.local_rank, dist.world_size)
+    runtime = pick_runtime(params.train, dist.local_rank, dist.local_world_size)
     range_test = json.loads(LR_RANGE_JSON.read_text()) if LR_RANGE_JSON.is_file() else None
     lr_max, lr_min, source = resolve_lr_max(params, range_test)
     d = params.data

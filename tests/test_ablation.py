@@ -245,6 +245,16 @@ def test_an_existing_row_is_refused_in_one_line_before_any_run(in_tmp, capsys):
     assert "--on nothing: no such row" in capsys.readouterr().err
 
 
+def test_an_unexpected_error_ends_in_one_line(monkeypatch, capsys):
+    def broken(*_args, **_kwargs):
+        return {}["stages"]  # as a file no check foresaw would fail
+
+    monkeypatch.setattr(ablation, "run_row", broken)
+    assert ablation.main(["baseline"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unexpected KeyError: 'stages' (at test_ablation.py:") and err.count("\n") == 1, err
+
+
 def test_help_gives_the_plan_and_runs_nothing():
     result = subprocess.run([sys.executable, "-m", "cifar_resnet.ablation", "--help"], capture_output=True,
                             text=True, env=stage_env(), timeout=60, check=False)

@@ -8,6 +8,7 @@ import torch
 
 from cifar_resnet.config import LrRangeTestParams, parse_params
 from cifar_resnet.data import Cifar10
+import cifar_resnet.lr_range_test as lr_range_test
 from cifar_resnet.lr_range_test import (RISE, RULE, RangeTestError, climb_index, climbed, lr_at, pick_lr_max,
                                         pick_result, run_range_test, smooth)
 from cifar_resnet.runtime import pick_runtime
@@ -187,7 +188,7 @@ def test_run_range_test_on_a_tiny_dataset():
     climb = lrs.index(result["lr_at_climb"])
     assert climb == climb_index(losses, rp.window)
     assert len(curve) == climb + rp.window // 2 + 1  # stopped as soon as the climb's median window was whole
-    assert result["stopped_on_divergence"] is True
+    assert result["stopped"] == "climb"  # every loss finite: the climb stopped it, not a divergence
     assert result["lr_max"] == pytest.approx(result["lr_at_climb"] / 2.0, rel=1e-5)  # divisor 2
     assert result["lr_min"] == pytest.approx(result["lr_max"] * 0.05, rel=1e-5)  # lr_min_factor
     assert result["rule"] == "lr_max = lr_where_loss_climbs_above_1.25x_its_lowest / 2; lr_min = lr_max * 0.05"
@@ -213,28 +214,47 @@ def test_run_range_test_diverging_at_once_has_no_pick():
                             progress=False)
     assert result["lr_max"] is None and result["lr_min"] is None
     assert result["no_pick"].endswith("in the first tenth of the sweep: lower lr_range_test.start_lr or check the data")
-    assert result["stopped_on_divergence"] and result["iterations"] == len(result["curve"]) < 10
+    assert result["stopped"] == "climb" and result["iterations"] == len(result["curve"]) < 10
     assert len(messages) == 1 and "NO LRMAX PICKED" in messages[0] and "first tenth" in messages[0]
+
+
+FALLING = [2.3 - 0.02 * i for i in range(25)]
+
+
+@pytest.mark.parametrize("losses,stopped,iterations", [
+    (FALLING, "end_of_sweep", 25),  # num_iter batches, no climb
+    (FALLING[:12] + [3.0] * 13, "climb", 15),  # every loss finite: stopped once the climb's window was whole
+    (FALLING[:12] + [math.nan], "not_finite", 12),
+])
+def test_the_json_says_why_the_sweep_stopped(monkeypatch, losses, stopped, iterations):
+    feed = iter(losses)
+    monkeypatch.setattr(lr_range_test, "train_step", lambda *_a, **_k: (torch.tensor(next(feed)), None))
+    params = tiny_params()  # num_iter 25
+    data = tiny_data(n=256)
+    result = run_range_test(params, data, *data.mean_std(), pick_runtime(params.train), log=lambda _: None,
+                            progress=False)
+    assert result["stopped"] == stopped and result["iterations"] == iterations == len(result["curve"])
+    assert "stopped_on_divergence" not in result
 
 
 def test_pick_result_without_a_pick_says_why_with_the_same_fields():
     falling = [2.3 - 0.01 * i for i in range(N)]
     test = range_params(divisor=2.0)
     messages = []
-    result = pick_result(LRS, falling, test, 0.01, blew_up=False, stopped=False, log=messages.append)
+    result = pick_result(LRS, falling, test, 0.01, stopped="end_of_sweep", log=messages.append)
     assert result["lr_max"] is None and result["lr_min"] is None and result["lr_at_climb"] is None
     assert result["no_pick"] == ("lr_range_test: the smoothed loss never climbed above 1.25 x its lowest so far (1.32) "
                                  "by LR 10: raise lr_range_test.end_lr or num_iter")
     assert result["start_loss"] == pytest.approx(2.3) and result["iterations"] == N
     assert result["lowest_loss"] is None  # measured from only where there is a climb
-    assert result["stopped_on_divergence"] is False
+    assert result["stopped"] == "end_of_sweep"
     assert "NO LRMAX PICKED" in messages[0]
     # the same rule and fields as a pick, which has no no_pick key
-    picked = pick_result(LRS, real_shape(77), test, 0.1, blew_up=False, stopped=True, log=messages.append)
+    picked = pick_result(LRS, real_shape(77), test, 0.1, stopped="climb", log=messages.append)
     assert picked["lr_max"] == pytest.approx(LRS[77] / 2, rel=1e-5) and picked["lr_min"] == pytest.approx(
         picked["lr_max"] * 0.1, rel=1e-5)
     assert picked["lr_at_climb"] == pytest.approx(LRS[77], rel=1e-5)
     assert picked["lowest_loss"] == pytest.approx(min(smooth(real_shape(77), 5)[:78]), abs=1e-5)
     assert "no_pick" not in picked and set(result) - set(picked) == {"no_pick"}
     assert picked["rule"] == result["rule"].replace("* 0.01", "* 0.1")
-    assert pick_result([], [], test, 0.01, True, True, log=messages.append)["start_loss"] is None
+    assert pick_result([], [], test, 0.01, "not_finite", log=messages.append)["start_loss"] is None

@@ -71,8 +71,30 @@ def test_auto_precision_on_mps_is_fp32(monkeypatch):
 
 def test_nproc_is_checked_against_the_visible_gpus(fake_cuda):
     fake_cuda(count=1)
-    with pytest.raises(ParamsError, match=r"train.nproc: 2 processes need 2 GPUs, but 1 are visible"):
+    with pytest.raises(ParamsError, match=r"train.nproc: 2 processes on this node need 2 GPUs, but 1 are visible"):
         pick_runtime(train_params(nproc=2), nproc=2)
+
+
+def test_two_nodes_of_eight_gpus_are_checked_and_share_by_the_processes_of_one_node(fake_cuda, monkeypatch):
+    """`torchrun --nnodes=2 --nproc_per_node=8` on nodes of 8 GPUs: 16 processes in the job, 8 on this node. The
+    GPUs and cores to share are this node's, among its own processes."""
+    from cifar_resnet.distributed import Dist
+
+    monkeypatch.setenv("RANK", "11")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    dist = Dist.from_env()
+    assert (dist.rank, dist.world_size, dist.local_rank, dist.local_world_size) == (11, 16, 3, 8)
+    fake_cuda(count=8)
+    assert pick_runtime(train_params(device="cuda"), dist.local_rank, dist.local_world_size).device == \
+        torch.device("cuda", 3)
+    fake_cuda(count=4)
+    with pytest.raises(ParamsError, match=r"train.nproc: 8 processes on this node need 8 GPUs, but 4 are visible"):
+        pick_runtime(train_params(device="cuda"), dist.local_rank, dist.local_world_size)
+    monkeypatch.setattr(runtime_module.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the test process keeps its threads
+    assert pick_runtime(train_params(device="cpu", threads=0), dist.local_rank, dist.local_world_size).threads == 8
 
 
 def test_several_cpu_processes_stay_allowed(monkeypatch):

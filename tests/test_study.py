@@ -18,7 +18,7 @@ import yaml
 from dvc.utils.hydra import apply_overrides
 
 from conftest import REPO, Repo, copy_repo, stage_env, tiny_set
-from cifar_resnet import study
+from cifar_resnet import ablation, study
 from cifar_resnet.study import Config, StaleRun, StudyError
 
 # Student's t, 0.975 quantile, from the usual tables.
@@ -106,10 +106,12 @@ def test_another_configuration_is_refused_naming_the_difference():
 # ---------------------------------------------------------------------------------------------- reading a run
 
 
-def fake_run(seed=0, accuracy=0.9) -> dict[str, bytes]:
-    """The files of a finished run with a dvc.lock that records them: download -> train -> evaluate."""
+def fake_run(seed=0, accuracy=0.9, evaluate=None) -> dict[str, bytes]:
+    """The files of a finished run with a dvc.lock that records them: download -> train -> evaluate. `evaluate`:
+    metrics/evaluate.json's keys (default: the test split's `accuracy`)."""
+    evaluate = {"accuracy": accuracy} if evaluate is None else evaluate
     files = {"params.yaml": yaml.safe_dump({"seed": seed, "train": {"epochs": 2}}).encode(),
-             "src/train.py": b"code", "metrics/evaluate.json": json.dumps({"accuracy": accuracy}).encode(),
+             "src/train.py": b"code", "metrics/evaluate.json": json.dumps(evaluate).encode(),
              "metrics/train.json": json.dumps({"lr_max": 0.3, "val_acc": 0.8, "new_key": 1}).encode(),
              "timing/train.json": json.dumps({"seconds_total": 12.5, "device": "cuda", "gpu": "Some GPU"}).encode()}
     md5 = {k: hashlib.md5(v).hexdigest() for k, v in files.items()}
@@ -136,6 +138,38 @@ def test_a_run_makes_a_row_with_its_code_hash():
     assert run.row == {"seed": 3, "test_accuracy": 0.9, "val_accuracy": 0.8, "lr_max": 0.3, "train_seconds": 12.5,
                        "device": "cuda", "hardware": "Some GPU", "code_hash": study.code_hash(run.code),
                        "source": "fake"}
+
+
+def test_a_validation_run_makes_a_row_and_a_study_without_test_numbers(tmp_path):
+    """A configuration chosen on validation (data.val_size > 0): evaluate reports `val_accuracy` and no `accuracy`;
+    the row has the validation accuracy and no test accuracy, and the study's files are made from those."""
+    runs = [study.read_run(fake_run(seed, evaluate={"val_accuracy": acc, "val_loss": 0.4, "split": "val"}).get,
+                           f"fake {seed}") for seed, acc in ((0, 0.85), (1, 0.87))]
+    assert runs[0].row["val_accuracy"] == 0.85 and runs[0].row["test_accuracy"] is None
+    config = study.as_config(runs[0])
+    rows = pd.DataFrame([r.row for r in runs], columns=study.COLUMNS)
+    study.write_study(tmp_path / "v", "v", config, rows)
+    summary = json.loads((tmp_path / "v/summary.json").read_text())
+    assert "test_accuracy" not in summary and summary["val_accuracy"]["median"] == 0.86
+    assert summary == study.summarise(study.read_rows(tmp_path / "v/runs.csv"))
+    assert (tmp_path / "v/seeds.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_run_without_an_accuracy_is_stale():
+    with pytest.raises(StaleRun, match=r"fake: its metrics lack accuracy or val_accuracy in metrics/evaluate\.json"):
+        study.read_run(fake_run(evaluate={"loss": 0.3}).get, "fake")
+    with pytest.raises(StaleRun, match="fake: a metric that is not a number"):
+        study.read_run(fake_run(evaluate={"accuracy": "high"}).get, "fake")
+
+
+def test_any_error_ends_in_one_line(monkeypatch, capsys):
+    def broken(*_args, **_kwargs):
+        return {}["accuracy"]
+
+    monkeypatch.setattr(study, "run_study", broken)
+    assert study.main(["s", "--seeds", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unexpected KeyError: 'accuracy' (at test_study.py:") and err.count("\n") == 1, err
 
 
 def _with_dep(stage: str, path: str, md5: str) -> dict[str, bytes]:
@@ -358,3 +392,34 @@ def test_other_code_is_refused_naming_the_file(repo):
 
 def _study_bytes(repo) -> dict:
     return {p.name: p.read_bytes() for p in sorted((repo.path / "studies/tiny").iterdir())}
+
+
+@pytest.mark.slow
+def test_a_study_chosen_on_validation_has_validation_rows_and_reruns(repo):
+    """data.val_size > 0: the evaluate stage reports the validation split, so each row holds that accuracy and no
+    test accuracy; the summary is of those; the same command again runs nothing."""
+    command = (sys.executable, "-m", "cifar_resnet.study", "tiny-val", "--seeds", "0-1", "--set", "data.val_size=256")
+    out = repo.run(*command).stdout
+    assert "seed 0: validation accuracy" in out and "seed 1: validation accuracy" in out, out
+    rows = study.read_rows(repo.path / "studies/tiny-val/runs.csv")
+    assert list(rows["seed"]) == [0, 1] and rows["test_accuracy"].isna().all()
+    baseline = repo.run("git", "rev-parse", "HEAD").stdout.strip()
+    for seed, accuracy in zip(rows["seed"], rows["val_accuracy"]):
+        ref = study.exp_ref(baseline, f"tiny-val-seed{seed}")
+        evaluate = json.loads(repo.run("git", "show", f"{ref}:metrics/evaluate.json").stdout)
+        assert evaluate["split"] == "val" and evaluate["val_accuracy"] == accuracy
+        files = repo.run("git", "ls-tree", "-r", "--name-only", ref, "--", "metrics", "plots", "dvclive").stdout.split()
+        assert "plots/history.tsv" in files and "metrics/train.json" in files
+        assert ablation.test_numbers(_reader(repo, ref), files) == []  # none computed while choosing
+    summary = json.loads((repo.path / "studies/tiny-val/summary.json").read_text())
+    assert summary == study.summarise(rows) and "test_accuracy" not in summary and summary["val_accuracy"]["n"] == 2
+    again = repo.run(*command).stdout
+    assert "seed(s) 0, 1 already done" in again and "running" not in again, again
+
+
+def _reader(repo, ref: str):
+    """study.git_reader for a repo other than the current folder's."""
+    def read(rel: str) -> bytes | None:
+        shown = subprocess.run(["git", "show", f"{ref}:{rel}"], cwd=repo.path, env=repo.env, capture_output=True)
+        return shown.stdout if shown.returncode == 0 else None
+    return read

@@ -484,8 +484,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run_command(lambda: run_row(args.row, args.set, args.seed, args.val_size, args.device, args.on,
-                                       dvc=not args.without_dvc, commit=args.commit),
+    return run_command(lambda: study.one_line(lambda: run_row(args.row, args.set, args.seed, args.val_size,
+                                                              args.device, args.on, dvc=not args.without_dvc,
+                                                              commit=args.commit)),
                        f"no row written; run the same command again (finished experiments of row {args.row} "
                        "are reused)")
 

@@ -284,12 +284,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(raw)
 
 
+def held_out_split(params: Params) -> str:
+    """What `auto` means for evaluate.split and train.eval_split: the validation split when there is one (recipes
+    are chosen there: no test number exists while choosing), else the test split."""
+    return "val" if params.data.val_size else "test"
+
+
 def evaluation_split(params: Params) -> str:
-    """The split the evaluate stage reports: `evaluate.split`, where auto means the validation split when there is
-    one (recipes are chosen there: no test number exists while choosing), else the test split."""
-    if params.evaluate.split == "auto":
-        return "val" if params.data.val_size else "test"
-    return params.evaluate.split
+    """The split the evaluate stage reports: `evaluate.split` (auto: `held_out_split`)."""
+    return held_out_split(params) if params.evaluate.split == "auto" else params.evaluate.split
 
 
 def resolve_lr_max(params: Params, range_test_result: dict | None) -> tuple[float, float, str]:

@@ -25,8 +25,9 @@ class Dist:
     """This process's place in the job; a single process is rank 0 of 1."""
 
     rank: int = 0
-    world_size: int = 1
+    world_size: int = 1  # processes in the job, on every node
     local_rank: int = 0
+    local_world_size: int = 1  # processes on this node: they share its GPUs and CPU cores
 
     @property
     def is_main(self) -> bool:
@@ -34,8 +35,10 @@ class Dist:
 
     @classmethod
     def from_env(cls) -> "Dist":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
+        """torchrun's variables; a launcher without LOCAL_WORLD_SIZE runs every process on one node."""
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        return cls(int(os.environ.get("RANK", 0)), world_size, int(os.environ.get("LOCAL_RANK", 0)),
+                   int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
 
 
 def under_torchrun() -> bool:

@@ -13,6 +13,7 @@ seeds on an H100 it peaked at 2.2-2.5, near chance, never above 1.1 x its start 
 +25 % above the lowest smoothed loss at LR 0.38-0.77, median 0.55. `divisor` sets LRMAX below it, as Smith advises.
 
 The sweep stops once the climb's median window is whole, or on a loss that is not finite, which counts as the climb.
+Its JSON says which under `stopped`: "climb", "not_finite" or "end_of_sweep" (num_iter batches without either).
 A climb in the first tenth of the sweep, or none, is no pick: the stage still writes the curve and its PNG, and its
 JSON says why under `no_pick` with `lr_max: null`; the train stage fails on it only when `lr_max` is `auto`, naming
 that reason. A set that pins `lr_max` to a number (the tricks, README "Tricks") trains without a pick.
@@ -107,39 +108,49 @@ def run_range_test(params, data, mean, std, runtime, log=print, progress: bool =
     if len(loader) == 0:
         raise RangeTestError(f"lr_range_test: train.batch_size {train_params.batch_size} exceeds the "
                              f"{len(data.train_images)} training images")
-    lrs, losses, blew_up, stopped, epoch = [], [], False, False, 0
+    lrs, losses, stopped, epoch = [], [], None, 0
     bar = tqdm(total=test.num_iter, desc="lr range test", leave=False, disable=not progress)
-    while len(losses) < test.num_iter and not stopped:
+    while stopped is None:
         epoch += 1
         for x, y in loader.epoch(epoch):
             lr = lr_at(len(losses), test.start_lr, test.end_lr, test.num_iter)
             loss, _ = train_step(model, optimizer, scaler, runtime, x, y, lr,
                                  label_smoothing=train_params.label_smoothing)
             value = loss.item()  # the curve is read on the host anyway: one sync per step is the test's nature
-            blew_up = not math.isfinite(value)
-            if not blew_up:
+            stopped = why_stop(losses, value, test)
+            if stopped != "not_finite":
                 lrs.append(lr), losses.append(value)
                 bar.update(1)
                 bar.set_postfix(lr=f"{lr:.3g}", loss=f"{value:.3f}", refresh=False)
-            stopped = blew_up or climbed(losses, test.window)
-            if stopped or len(losses) == test.num_iter:
+            if stopped is not None:
                 break
     bar.close()
-    result = pick_result(lrs, losses, test, params.lr_min_factor, blew_up, stopped, log)
+    result = pick_result(lrs, losses, test, params.lr_min_factor, stopped, log)
     smoothed = smooth(losses, test.window)
     curve = [{"iteration": k + 1, "lr": round(lrs[k], 8), "loss": round(losses[k], 6),
               "smoothed_loss": round(smoothed[k], 6)} for k in range(len(lrs))]
     return {**result, "curve": curve}
 
 
-def pick_result(lrs: list[float], losses: list[float], test, lr_min_factor: float, blew_up: bool, stopped: bool,
+def why_stop(losses: list[float], value: float, test) -> str | None:
+    """Why the sweep stops at the loss `value` that follows `losses`, or None to go on: "climb" (the climb's median
+    window is whole), "not_finite", or "end_of_sweep" (num_iter batches without either)."""
+    if not math.isfinite(value):
+        return "not_finite"
+    if climbed([*losses, value], test.window):
+        return "climb"
+    return "end_of_sweep" if len(losses) + 1 == test.num_iter else None
+
+
+def pick_result(lrs: list[float], losses: list[float], test, lr_min_factor: float, stopped: str,
                 log=print) -> dict:
-    """The stage's JSON without the curve: the pick, or `lr_max: null` and why there is none under `no_pick`."""
+    """The stage's JSON without the curve: the pick, or `lr_max: null` and why there is none under `no_pick`.
+    `stopped`: why the sweep ended (`why_stop`)."""
     rule = RULE.replace("divisor", f"{test.divisor:g}").replace("lr_min_factor", f"{lr_min_factor:g}")
     common = {"start_loss": round(losses[0], 6) if losses else None, "lowest_loss": None, "lr_at_climb": None,
-              "rule": rule, "iterations": len(lrs), "stopped_on_divergence": stopped}
+              "rule": rule, "iterations": len(lrs), "stopped": stopped}
     try:
-        lr_max, i = pick_lr_max(lrs, losses, test, blew_up)
+        lr_max, i = pick_lr_max(lrs, losses, test, blew_up=stopped == "not_finite")
     except RangeTestError as error:
         log(f"lr range test: {len(lrs)} iterations, NO LRMAX PICKED: {error}. Training with lr_max: auto will fail; "
             "a number in lr_max trains without the pick")

@@ -58,7 +58,9 @@ class Runtime:
 
 def pick_runtime(train_params, local_rank: int = 0, nproc: int = 1) -> Runtime:
     """Resolve the `auto` settings: device cuda > mps > cpu; precision bf16 where the device runs it natively, fp16
-    with a grad scaler on other CUDA GPUs, fp32 elsewhere."""
+    with a grad scaler on other CUDA GPUs, fp32 elsewhere. `nproc`: the processes on this node (torchrun's
+    LOCAL_WORLD_SIZE, `Dist.local_world_size`), which share its GPUs and cores; on several nodes it is not the
+    job's WORLD_SIZE."""
     name = _pick_device(train_params.device)
     check_processes(train_params, name, nproc)
     device = torch.device(name, local_rank) if name == "cuda" else torch.device(name)
@@ -78,11 +80,12 @@ def pick_runtime(train_params, local_rank: int = 0, nproc: int = 1) -> Runtime:
 
 
 def check_processes(train_params, device: str, nproc: int) -> None:
-    """What params validation cannot know before the device is resolved: one GPU per process, SyncBatchNorm on
-    GPUs only. (CPU jobs run several gloo processes on one host.)"""
+    """What params validation cannot know before the device is resolved: one GPU per process of this node (`nproc`),
+    SyncBatchNorm on GPUs only. (CPU jobs run several gloo processes on one host.)"""
     if device == "cuda" and nproc > torch.cuda.device_count():
-        raise ParamsError(f"train.nproc: {nproc} processes need {nproc} GPUs, but {torch.cuda.device_count()} "
-                          "are visible; lower train.nproc (or set CUDA_VISIBLE_DEVICES)")
+        raise ParamsError(f"train.nproc: {nproc} processes on this node need {nproc} GPUs, but "
+                          f"{torch.cuda.device_count()} are visible; lower train.nproc (or torchrun's "
+                          "--nproc_per_node), or set CUDA_VISIBLE_DEVICES")
     if train_params.sync_bn and device != "cuda":
         raise ParamsError(f"train.sync_bn: SyncBatchNorm runs on CUDA GPUs only, and this run is on {device}; "
                           "set it to false")

@@ -87,14 +87,29 @@ class DivergenceWatch:
             self.check()
 
     def check(self) -> None:
-        """Raise DivergedError naming the first bad step (the earliest of any rank's under DDP)."""
-        first = self.first_bad.clone()
-        if self.world_size > 1:  # every rank stops together
-            first = torch.where(first < 0, torch.full_like(first, 2**62), first)
-            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
-            first = torch.where(first == 2**62, torch.full_like(first, -1), first)
+        """Raise DivergedError naming the first bad step and its loss; under DDP the earliest of any rank's, with
+        the loss of the rank that had it, so that every rank stops together and says the same."""
+        first, loss = self.first_bad, self.bad_loss
+        if self.world_size > 1:
+            # One collective for both: float64 holds any step exactly (DDP runs on CPUs and CUDA, never on MPS).
+            pairs = gather(torch.stack([first.double(), loss.double()]), self.world_size)
+            first, loss = earliest(pairs[:, 0].long(), pairs[:, 1])
         step = int(first.item())
         if step >= 0:
             raise DivergedError(epoch=step // self.steps_per_epoch + 1, step=step % self.steps_per_epoch + 1,
-                                steps_per_epoch=self.steps_per_epoch, lr=self.lr_of(step),
-                                loss=float(self.bad_loss.item()))
+                                steps_per_epoch=self.steps_per_epoch, lr=self.lr_of(step), loss=float(loss.item()))
+
+
+def gather(value: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every rank's `value`, stacked in rank order, on every rank."""
+    values = [torch.empty_like(value) for _ in range(world_size)]
+    torch.distributed.all_gather(values, value)
+    return torch.stack(values)
+
+
+def earliest(first_bad: torch.Tensor, bad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of per-rank first bad steps (-1: none) and their losses: the earliest step and the loss of the rank that had
+    it (the lowest such rank on a tie); (-1, a loss of no meaning) when no rank had one."""
+    key = torch.where(first_bad < 0, torch.full_like(first_bad, 2**62), first_bad)
+    rank = key.argmin()
+    return first_bad[rank], bad_loss[rank]

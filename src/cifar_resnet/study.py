@@ -32,6 +32,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ COLUMNS = ["seed", "test_accuracy", "val_accuracy", "lr_max", "train_seconds", "
            "source"]
 TEXT_COLUMNS = {"device": str, "hardware": str, "code_hash": str, "source": str}  # a hex hash can look like 1e5
 SUMMARISED = ["test_accuracy", "val_accuracy", "lr_max", "train_seconds"]
+SPLIT_NAMES = {"test_accuracy": "test", "val_accuracy": "validation"}  # in the lines and the figure a person reads
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 DIGITS = 6  # summary values are rounded here: accuracies to 1e-4 %, seconds to microseconds
 
@@ -271,13 +273,34 @@ def _check_lock(read, stages: dict, graph: dict, params: dict, source: str) -> d
 
 
 def make_row(read, seed, code: dict, source: str) -> dict:
-    """One study row. Tolerant of new keys; a validation accuracy comes from evaluate or, failing that, train."""
+    """One study row. Tolerant of new keys. The evaluate stage reports one split: the test split under `accuracy`,
+    or the validation split under `val_accuracy` (a configuration chosen on validation has no test number, and its
+    row no test_accuracy); a validation accuracy not reported by evaluate comes from train's last epoch. Files that
+    lack a number, or hold one that is not a number, make the run stale (StaleRun), not a crash."""
     evaluate, train, timing = (load_file(read, rel, json.loads, source) for rel in ROW_FILES)
-    val = evaluate.get("val_accuracy", train.get("val_acc"))
-    return {"seed": int(seed), "test_accuracy": float(evaluate["accuracy"]),
-            "val_accuracy": float(val) if val is not None else None, "lr_max": float(train["lr_max"]),
-            "train_seconds": float(timing["seconds_total"]), "device": str(timing.get("device", "")),
-            "hardware": hardware_of(timing), "code_hash": code_hash(code), "source": source}
+    try:
+        test, val = evaluate.get("accuracy"), evaluate.get("val_accuracy")
+        if test is None and val is None:
+            raise KeyError(f"accuracy or val_accuracy in {EVALUATE_JSON.as_posix()}")
+        val = train.get("val_acc") if val is None else val
+        return {"seed": int(seed), "test_accuracy": _number(test), "val_accuracy": _number(val),
+                "lr_max": float(train["lr_max"]), "train_seconds": float(timing["seconds_total"]),
+                "device": str(timing.get("device", "")), "hardware": hardware_of(timing),
+                "code_hash": code_hash(code), "source": source}
+    except KeyError as exc:
+        raise StaleRun(f"{source}: its metrics lack {exc.args[0]}") from None
+    except (TypeError, ValueError) as exc:
+        raise StaleRun(f"{source}: a metric that is not a number ({exc})") from None
+
+
+def _number(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def headline(has_test: bool) -> str:
+    """The column a study is judged by: the test accuracy, or the validation accuracy for a configuration whose
+    evaluate stage reports the validation split (data.val_size > 0 and evaluate.split auto or val)."""
+    return "test_accuracy" if has_test else "val_accuracy"
 
 
 def hardware_of(timing: dict) -> str:
@@ -417,14 +440,15 @@ def seeds_figure(path: Path, name: str, rows: pd.DataFrame, summary: dict) -> No
 
     from matplotlib.ticker import MaxNLocator
 
-    acc = summary["test_accuracy"]
+    column = headline("test_accuracy" in summary)
+    acc = summary[column]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(rows["seed"], rows["test_accuracy"] * 100, "o", label="one seed")
+    ax.plot(rows["seed"], rows[column].astype(float) * 100, "o", label="one seed")
     ax.axhline(acc["median"] * 100, color="red", linestyle="--", label=f"median {acc['median'] * 100:.2f} %")
     if acc["ci95_low"] is not None:
         ax.axhspan(acc["ci95_low"] * 100, acc["ci95_high"] * 100, color="grey", alpha=0.2,
                    label="95 % interval of the mean")
-    ax.set(xlabel="seed", ylabel="test accuracy (%)", title=f"study {name}: {summary['n']} seeds")
+    ax.set(xlabel="seed", ylabel=f"{SPLIT_NAMES[column]} accuracy (%)", title=f"study {name}: {summary['n']} seeds")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     with atomic_path(path) as tmp:  # no version stamp: the same rows draw the same bytes
@@ -566,7 +590,8 @@ def run_seeds(name, folder, config, rows, todo, overrides, targets, reuse_worksp
         refuse_other(as_config(run), config, f"seed {seed}'s run ({how})", "the study")
         rows = pd.DataFrame(rows.to_dict("records") + [run.row], columns=COLUMNS)
         write_study(folder, name, config, rows)
-        say(f"seed {seed}: test accuracy {run.row['test_accuracy']:.4f} (from {how}); "
+        column = headline(run.row["test_accuracy"] is not None)
+        say(f"seed {seed}: {SPLIT_NAMES[column]} accuracy {run.row[column]:.4f} (from {how}); "
             f"{len(rows)} seed(s) in {folder}")
     return rows
 
@@ -607,10 +632,23 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
     return args.set + ([f"train.device={args.device}"] if args.device else [])
 
 
+def one_line(work):
+    """`work()`, where any exception but Ctrl-C ends as one line: a long command's user needs the cause (with
+    where it was raised), not a traceback, and the seeds that finished are safe in runs.csv either way."""
+    try:
+        return work()
+    except CifarResnetError:
+        raise
+    except Exception as exc:
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        raise StudyError(f"unexpected {type(exc).__name__}: {exc} (at {Path(frame.filename).name}:{frame.lineno}, "
+                         f"in {frame.name})") from exc
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run_command(lambda: run_study(args.name, parse_seeds(args.seeds), overrides_of(args),
-                                         reuse_workspace=not args.no_workspace),
+    return run_command(lambda: one_line(lambda: run_study(args.name, parse_seeds(args.seeds), overrides_of(args),
+                                                          reuse_workspace=not args.no_workspace)),
                        f"the seeds that finished are in {STUDIES / args.name}/runs.csv; run the same command again "
                        "to go on")
 

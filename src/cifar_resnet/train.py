@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cifar_resnet import checkpoint
+from cifar_resnet.config import held_out_split
 from cifar_resnet.distributed import Dist
 from cifar_resnet.errors import ParamsError
 from cifar_resnet.evaluate import evaluate
@@ -110,15 +111,18 @@ def train(params, data, mean, std, lr_max: float, lr_min: float, runtime: Runtim
 
 
 def _eval_loaders(params, data, mean, std, runtime) -> dict[str, EvalLoader]:
-    """One loader per split that `train.eval_split` names (auto: every held-out split that has images)."""
-    wanted = {"auto": ("val", "test"), "none": (), "val": ("val",), "test": ("test",)}[params.train.eval_split]
-    loaders = {}
-    for split in wanted:
-        images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
-        if len(images):
-            loaders[split] = EvalLoader(images, labels, params.evaluate.batch_size, mean, std, runtime.device,
-                                        memory_format=runtime.memory_format)
-    return loaders
+    """The loader of the split `train.eval_split` names, if it has images. auto: the validation split when
+    data.val_size > 0, else the test split; with a validation split, no test number is computed unless asked for by
+    name (train.eval_split: test)."""
+    split = params.train.eval_split
+    split = held_out_split(params) if split == "auto" else split
+    if split == "none":
+        return {}
+    images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
+    if not len(images):
+        return {}
+    return {split: EvalLoader(images, labels, params.evaluate.batch_size, mean, std, runtime.device,
+                              memory_format=runtime.memory_format)}
 
 
 def _resume(run: _Run, result: TrainResult, run_key: str, log) -> int:
