@@ -17,7 +17,7 @@ import yaml
 
 from dvc.utils.hydra import apply_overrides
 
-from conftest import REPO, Repo, copy_repo, stage_env, tiny_set
+from conftest import RECORD, REPO, Repo, copy_repo, file_at, stage_env, tiny_set
 from cifar_resnet import ablation, study
 from cifar_resnet.study import Config, StaleRun, StudyError
 
@@ -256,10 +256,12 @@ def test_the_tricks_study_is_the_makefiles_tricks_set(tmp_path):
 
 
 def _params_the_study_ran(config: dict) -> bytes:
-    """params.yaml of the code the study ran, which is main's: the evidence is remade with the code it reports."""
+    """params.yaml of the code the study ran: the record's commit (metrics/record.json), which the studies share.
+    main's code may be ahead of both until the evidence is remade on it."""
+    made_from = RECORD["made_from_commit"]
     for path, md5 in config["code"].items():
-        assert hashlib.md5((REPO / path).read_bytes()).hexdigest() == md5, f"the study ran another {path} than main's"
-    return (REPO / "params.yaml").read_bytes()
+        assert hashlib.md5(file_at(made_from, path)).hexdigest() == md5, f"the study ran another {path} than {made_from[:7]}'s"
+    return file_at(made_from, "params.yaml")
 
 
 def test_every_study_folder_has_rows():
