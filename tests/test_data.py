@@ -4,12 +4,15 @@ the official format are built here; the real files are used only when $CIFAR10_M
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import http.server
 import io
 import os
 import pickle
+import resource
 import shutil
 import subprocess
 import sys
@@ -477,6 +480,46 @@ def test_the_download_stage_refuses_a_hostile_archive_in_one_line(small, tmp_pat
                                           f"(a CIFAR-10 archive holds only folders and files); nothing was kept"]
     assert_out_untouched(out)
     assert sorted(p.name for p in ws.iterdir()) == ["data", "params.yaml"] and not any((ws / "data").iterdir())
+
+
+# ------------------------------------------------------------------------------------------- fetch: no room
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Writes past `limit` bytes fail with EFBIG in this process (Python ignores SIGXFSZ), as on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_no_room_is_one_line_and_keeps_the_previous_folder(small, tmp_path, serve, kind):
+    dest = tmp_path / "out" / FOLDER
+    fetch(dest, UNREACHABLE_URL, mirror=str(small.folder_mirror), md5s=small.md5s, progress=False)
+    before = everything_under(dest.parent)
+    source = {"folder": {"url": UNREACHABLE_URL, "mirror": str(small.folder_mirror)}}.get(kind) \
+        or archive_source(small, small.archive, serve, kind)
+    assert os.path.getsize(small.folder / "data_batch_1") > 16_384
+    with pytest.raises(DataError) as info, file_size_limit(16_384):
+        fetch(dest, progress=False, md5s=small.with_archive, **source)
+    assert str(info.value).startswith(f"{dest}: file too large while writing it "), str(info.value)
+    assert everything_under(dest.parent) == before  # dest as it was, no staging folder
+
+
+def test_a_full_disk_is_one_line(small, tmp_path, monkeypatch):
+    def full(src, dst, **kwargs):
+        Path(dst).write_bytes(Path(src).read_bytes()[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))  # shutil names the source, not dst
+    monkeypatch.setattr(shutil, "copyfile", full)
+    dest = tmp_path / "out" / FOLDER
+    with pytest.raises(DataError) as info:
+        fetch(dest, UNREACHABLE_URL, mirror=str(small.folder_mirror), md5s=small.md5s, progress=False)
+    assert str(info.value).startswith(f"{dest}: no space left on device while writing it "), str(info.value)
+    assert_nothing_left(dest)
 
 
 # ------------------------------------------------------------------------------------------- the md5 table

@@ -13,6 +13,7 @@ the one way every later stage reads data.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import os
@@ -123,27 +124,49 @@ def fetch(dest: str | Path, url: str, mirror: str | None = None, md5s: dict[str,
     `mirror` (default: $CIFAR10_MIRROR) is a local folder holding `cifar-10-batches-py/`, the archive, or the files
     themselves; without it the archive is downloaded from `url`. An archive's md5 is checked before it is
     unpacked (see `_expected`), and no member may land outside the folder it is unpacked in. Every file's md5 is
-    checked against `expected_md5s(md5s)`; on any failure `dest` is left as it was and nothing else remains
-    beside it.
+    checked against `expected_md5s(md5s)`; on any failure, running out of disk space included, `dest` is left as
+    it was and nothing else remains beside it.
     """
     dest, (md5s, archive_md5) = Path(dest), _expected(md5s)
     mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV) or None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Everything (download, unpacking, verification) happens in a hidden sibling that is renamed into place.
-    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    with _room_for(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # Everything (download, unpacking, verification) happens in a hidden sibling that is renamed into place.
+        staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+        try:
+            found, source = _gather(staging, url, mirror, archive_md5, progress)
+            verified = staging / "verified"
+            verified.mkdir()
+            for name, expected in md5s.items():
+                _verify(found, name, expected, source)
+                os.replace(found / name, verified / name)  # only the seven files: the archive also holds a readme
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(verified, dest)
+            return source
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+# Running out of room: a full disk, a quota, a file-size limit (ulimit -f). Not the source's fault.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def _room_for(dest: Path):
+    """Turn running out of room while fetching into one line naming `dest` and the cause."""
     try:
-        found, source = _gather(staging, url, mirror, archive_md5, progress)
-        verified = staging / "verified"
-        verified.mkdir()
-        for name, expected in md5s.items():
-            _verify(found, name, expected, source)
-            os.replace(found / name, verified / name)  # only the seven files: the archive also holds a readme
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(verified, dest)
-        return source
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        yield
+    except OSError as exc:
+        if not _no_room(exc):
+            raise
+        cause = os.strerror(exc.errno)
+        raise DataError(f"{dest}: {cause[0].lower()}{cause[1:]} while writing it (fetching CIFAR-10 takes up to "
+                        f"about 360 MB in {dest.parent}); {dest} was left as it was") from None
+
+
+def _no_room(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _NO_ROOM
 
 
 def _gather(staging: Path, url: str, mirror: str | None, archive_md5: str | None,
@@ -179,6 +202,8 @@ def _download(url: str, archive: Path, progress: bool) -> None:
         with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sys.stderr if progress else sink):
             download_url(url, str(archive.parent), archive.name)
     except (OSError, ValueError, RuntimeError, http.client.HTTPException) as exc:
+        if _no_room(exc):
+            raise  # _room_for says so: the download itself went well
         raise DataError(f"{url}: download failed ({exc}); offline, point {MIRROR_ENV} at a local copy") from None
 
 
@@ -200,6 +225,8 @@ def _unpack(archive: Path, staging: Path, source: str, md5: str | None) -> Path:
         raise DataError(f"{source}: unsafe member {exc} (a CIFAR-10 archive holds only folders and files); "
                         f"nothing was kept") from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        if _no_room(exc):
+            raise  # _room_for says so: the archive is fine
         raise DataError(f"{source}: not a readable CIFAR-10 archive ({exc})") from None
     return target / FOLDER
 
