@@ -59,10 +59,12 @@ def md5sums_path(folder: Path) -> Path:
     return folder.parent / "MD5SUMS"
 
 
-def write_md5sums(folder: Path) -> Path:
-    """`md5sum`'s output for every file of `folder`, paths relative to its parent."""
-    lines = [f"{hashlib.md5(p.read_bytes()).hexdigest()}  {folder.name}/{p.name}\n"
-             for p in sorted(folder.iterdir()) if p.is_file()]
+def write_md5sums(folder: Path, *archives: Path) -> Path:
+    """`md5sum`'s output for every file of `folder`, paths relative to its parent, then for each of `archives`
+    (a packed copy of the folder: its md5 is checked before it is unpacked)."""
+    named = [(p, f"{folder.name}/{p.name}") for p in sorted(folder.iterdir()) if p.is_file()]
+    named += [(archive, archive.name) for archive in archives]
+    lines = [f"{hashlib.md5(p.read_bytes()).hexdigest()}  {name}\n" for p, name in named]
     path = md5sums_path(folder)
     path.write_text("".join(lines))
     return path

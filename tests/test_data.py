@@ -4,12 +4,18 @@ the official format are built here; the real files are used only when $CIFAR10_M
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import http.server
+import io
 import os
 import pickle
+import resource
 import shutil
+import subprocess
+import sys
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -18,14 +24,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import calculate_md5
 
-from cifar_resnet.data import (ARCHIVE, FOLDER, MD5SUMS_ENV, MIRROR_ENV, OFFICIAL_MD5, SPLIT_SEED, TEST_FILES,
-                               TRAIN_FILES, Cifar10Test, expected_md5s, fetch, load_cifar10, load_test_split,
-                               read_md5sums)
+from cifar_resnet.data import (ARCHIVE, ARCHIVE_MD5, FOLDER, MD5SUMS_ENV, MIRROR_ENV, OFFICIAL_MD5, SPLIT_SEED,
+                               TEST_FILES, TRAIN_FILES, Cifar10Test, expected_md5s, fetch, load_cifar10,
+                               load_test_split, read_md5sums)
 from cifar_resnet.errors import DataError
-from conftest import write_md5sums
+from conftest import REPO, stage_env, tiny_params, write_md5sums
 
 NAMES = ("batches.meta",) + TRAIN_FILES + TEST_FILES
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -77,8 +84,13 @@ class SmallSet:
     folder_mirror: Path
     archive_mirror: Path  # holds only cifar-10-python.tar.gz
     archive: Path
-    md5s: dict
-    md5sums: Path  # the md5s in md5sum format, beside the folder (as in ../shared/cifar10)
+    md5s: dict  # the seven files' md5s only, as for another CIFAR-format copy whose archive has no md5 listed
+    md5sums: Path  # the md5s in md5sum format, beside the folder (as in ../shared/cifar10), the archive's too
+
+    @property
+    def with_archive(self) -> dict:
+        """md5s that also list the archive's."""
+        return {**self.md5s, ARCHIVE: calculate_md5(self.archive)}
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +101,7 @@ def small(tmp_path_factory) -> SmallSet:
     archive = make_archive(folder, root / "archive_mirror" / ARCHIVE)
     md5s = {name: calculate_md5(folder / name) for name in NAMES}
     assert len(set(md5s.values())) == len(NAMES)
-    return SmallSet(folder, folder.parent, archive.parent, archive, md5s, write_md5sums(folder))
+    return SmallSet(folder, folder.parent, archive.parent, archive, md5s, write_md5sums(folder, archive))
 
 
 @pytest.fixture(autouse=True)
@@ -158,10 +170,11 @@ def test_archive_mirror_holds_only_the_archive(small):
     assert [p.name for p in small.archive_mirror.iterdir()] == [ARCHIVE]
 
 
-def test_fetch_from_url(small, tmp_path, serve):
+@pytest.mark.parametrize("table", ["md5s", "with_archive"])
+def test_fetch_from_url(small, tmp_path, serve, table):
     url = serve(small.archive)
     dest = tmp_path / "data" / FOLDER
-    source = fetch(dest, url, mirror="", md5s=small.md5s, progress=False)
+    source = fetch(dest, url, mirror="", md5s=getattr(small, table), progress=False)
     assert source == url
     assert_same_files(dest, small.folder)  # the downloaded archive itself is not left in dest
     assert list(dest.parent.iterdir()) == [dest]  # nor beside it, nor a staging folder
@@ -322,6 +335,191 @@ def test_failed_fetch_keeps_a_previous_good_folder(small, tmp_path, serve, kind)
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
     assert staging_leftovers(dest) == []
     assert [p.name for p in dest.parent.iterdir()] == [FOLDER]
+
+
+# ------------------------------------------------------------------------------------------- fetch: the archive
+
+
+def archive_source(small: SmallSet, archive: Path, serve, kind: str) -> dict:
+    """fetch's url/mirror kwargs that take `archive` (named ARCHIVE, alone in its folder) from a mirror or a URL."""
+    if kind == "archive":
+        return {"url": UNREACHABLE_URL, "mirror": str(archive.parent)}
+    return {"url": serve(archive), "mirror": ""}
+
+
+def where(kind: str, source: dict) -> str:
+    """How fetch names the archive of `source`: the mirror's file, or the URL."""
+    return str(Path(source["mirror"]) / ARCHIVE) if kind == "archive" else source["url"]
+
+
+@pytest.fixture
+def no_unpacking(monkeypatch):
+    """Fail the test if anything opens a tar archive."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("an archive was opened")
+    monkeypatch.setattr(tarfile, "open", refuse)
+
+
+def test_official_archive_md5_is_torchvisions():
+    assert ARCHIVE == CIFAR10.filename and ARCHIVE_MD5 == CIFAR10.tgz_md5
+
+
+@pytest.mark.parametrize("kind", ["archive", "url"])
+def test_an_archive_with_the_wrong_md5_is_never_unpacked(small, tmp_path, serve, no_unpacking, kind):
+    source = archive_source(small, small.archive, serve, kind)
+    wrong = "0123456789abcdef" * 2
+    dest = tmp_path / "out" / FOLDER
+    with pytest.raises(DataError) as info:
+        fetch(dest, progress=False, md5s={**small.md5s, ARCHIVE: wrong}, **source)
+    message = str(info.value)
+    assert message.startswith(f"{where(kind, source)}: md5 mismatch: expected {wrong}, "
+                              f"got {calculate_md5(small.archive)}"), message
+    assert "\n" not in message
+    assert_nothing_left(dest)
+
+
+def test_the_official_table_takes_only_the_official_archive(small, tmp_path, no_unpacking):
+    dest = tmp_path / "out" / FOLDER
+    with pytest.raises(DataError) as info:
+        fetch(dest, UNREACHABLE_URL, mirror=str(small.archive_mirror), progress=False)
+    assert str(info.value).startswith(f"{small.archive}: md5 mismatch: expected {ARCHIVE_MD5}, "), str(info.value)
+    assert MD5SUMS_ENV in str(info.value)  # how to take another copy
+    assert_nothing_left(dest)
+
+
+def test_an_md5sums_file_can_list_the_archive(small, tmp_path, monkeypatch, no_unpacking):
+    sums = tmp_path / "MD5SUMS"
+    sums.write_text(small.md5sums.read_text().replace(calculate_md5(small.archive), "f" * 32))
+    monkeypatch.setenv(MD5SUMS_ENV, str(sums))
+    assert expected_md5s() == small.md5s  # the seven files alone
+    dest = tmp_path / "out" / FOLDER
+    with pytest.raises(DataError, match=rf"^{small.archive}: md5 mismatch: expected {'f' * 32}, "):
+        fetch(dest, UNREACHABLE_URL, mirror=str(small.archive_mirror), progress=False)
+
+
+def hostile_members(out: Path) -> dict[str, list[tarfile.TarInfo]]:
+    """Members aimed at `out`, a folder outside the one the archive is unpacked in, holding "victim" (a file) and
+    "room" (an empty folder). Relative paths climb to / first, wherever the archive is unpacked."""
+    def member(name: str, kind=tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname, info.size = kind, link, 0
+        return info
+    climb = "../" * 40 + out.as_posix().lstrip("/")
+    return {
+        "traversal": [member(f"{FOLDER}/{climb}/escaped")],
+        "absolute": [member(f"{out}/escaped")],
+        "symlink_absolute": [member(f"{FOLDER}/link", tarfile.SYMTYPE, f"{out}/room"),
+                             member(f"{FOLDER}/link/escaped")],
+        "symlink_relative": [member(f"{FOLDER}/link", tarfile.SYMTYPE, f"{climb}/room"),
+                             member(f"{FOLDER}/link/escaped")],
+        "hardlink": [member(f"{FOLDER}/hard", tarfile.LNKTYPE, str(out / "victim")), member(f"{FOLDER}/hard")],
+        "device": [member(f"{FOLDER}/null", tarfile.CHRTYPE)],
+        "fifo": [member(f"{FOLDER}/pipe", tarfile.FIFOTYPE)],
+    }
+
+
+HOSTILE = ["traversal", "absolute", "symlink_absolute", "symlink_relative", "hardlink", "device", "fifo"]
+
+
+def hostile_archive(small: SmallSet, archive: Path, out: Path, kind: str) -> Path:
+    """The small set's archive with the `kind` members appended; `out` gets its victim file and empty room."""
+    out.mkdir(parents=True)
+    (out / "victim").write_text("untouched")
+    (out / "room").mkdir()
+    archive.parent.mkdir(parents=True)
+    with tarfile.open(small.archive) as good, tarfile.open(archive, "w:gz") as tar:
+        for info in good.getmembers():
+            tar.addfile(info, good.extractfile(info))
+        for info in hostile_members(out)[kind]:
+            tar.addfile(info, io.BytesIO(b"") if info.isreg() else None)
+    return archive
+
+
+def everything_under(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() and not p.is_symlink() else None
+            for p in sorted(root.rglob("*"))}
+
+
+def assert_out_untouched(out: Path) -> None:
+    assert everything_under(out) == {"victim": b"untouched", "room": None}
+
+
+@pytest.mark.parametrize("listed", [False, True], ids=["md5_unlisted", "md5_listed"])
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_a_hostile_archive_writes_nothing_outside_and_is_named(small, tmp_path, kind, listed):
+    # Listed or not, the archive's md5 is no defence against a hostile table: unpacking itself must be safe.
+    out = tmp_path / "outside"
+    archive = hostile_archive(small, tmp_path / "mirror" / ARCHIVE, out, kind)
+    md5s = {**small.md5s, ARCHIVE: calculate_md5(archive)} if listed else small.md5s
+    dest = tmp_path / "out" / FOLDER
+    dest.parent.mkdir()
+    before = everything_under(tmp_path)
+    with pytest.raises(DataError) as info:
+        fetch(dest, UNREACHABLE_URL, mirror=str(archive.parent), md5s=md5s, progress=False)
+    message = str(info.value)
+    assert message.startswith(f"{archive}: unsafe member ") and "\n" not in message, message
+    assert repr(hostile_members(out)[kind][0].name) in message
+    assert_out_untouched(out)
+    assert everything_under(tmp_path) == before  # nothing new anywhere
+    assert_nothing_left(dest)
+
+
+def test_the_download_stage_refuses_a_hostile_archive_in_one_line(small, tmp_path):
+    out = tmp_path / "outside"
+    archive = hostile_archive(small, tmp_path / "mirror" / ARCHIVE, out, "symlink_absolute")
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    sums = tmp_path / "MD5SUMS"  # the table lists this very archive: its md5 is no defence
+    sums.write_text(small.md5sums.read_text().replace(calculate_md5(small.archive), calculate_md5(archive)))
+    env = stage_env(CIFAR10_MIRROR=str(archive.parent), CIFAR10_MD5SUMS=str(sums))
+    result = subprocess.run([sys.executable, str(REPO / "stages" / "download.py")], cwd=ws, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [f"error: {archive}: unsafe member '{FOLDER}/link' is a symbolic link "
+                                          f"(a CIFAR-10 archive holds only folders and files); nothing was kept"]
+    assert_out_untouched(out)
+    assert sorted(p.name for p in ws.iterdir()) == ["data", "params.yaml"] and not any((ws / "data").iterdir())
+
+
+# ------------------------------------------------------------------------------------------- fetch: no room
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Writes past `limit` bytes fail with EFBIG in this process (Python ignores SIGXFSZ), as on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_no_room_is_one_line_and_keeps_the_previous_folder(small, tmp_path, serve, kind):
+    dest = tmp_path / "out" / FOLDER
+    fetch(dest, UNREACHABLE_URL, mirror=str(small.folder_mirror), md5s=small.md5s, progress=False)
+    before = everything_under(dest.parent)
+    source = {"folder": {"url": UNREACHABLE_URL, "mirror": str(small.folder_mirror)}}.get(kind) \
+        or archive_source(small, small.archive, serve, kind)
+    assert os.path.getsize(small.folder / "data_batch_1") > 16_384
+    with pytest.raises(DataError) as info, file_size_limit(16_384):
+        fetch(dest, progress=False, md5s=small.with_archive, **source)
+    assert str(info.value).startswith(f"{dest}: file too large while writing it "), str(info.value)
+    assert everything_under(dest.parent) == before  # dest as it was, no staging folder
+
+
+def test_a_full_disk_is_one_line(small, tmp_path, monkeypatch):
+    def full(src, dst, **kwargs):
+        Path(dst).write_bytes(Path(src).read_bytes()[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))  # shutil names the source, not dst
+    monkeypatch.setattr(shutil, "copyfile", full)
+    dest = tmp_path / "out" / FOLDER
+    with pytest.raises(DataError) as info:
+        fetch(dest, UNREACHABLE_URL, mirror=str(small.folder_mirror), md5s=small.md5s, progress=False)
+    assert str(info.value).startswith(f"{dest}: no space left on device while writing it "), str(info.value)
+    assert_nothing_left(dest)
 
 
 # ------------------------------------------------------------------------------------------- the md5 table

@@ -5,6 +5,7 @@ refuse with one line naming the file; the model declared as a DVC artifact."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -255,6 +256,46 @@ def test_images_of_any_size_and_mode_become_32x32_rgb(tmp_path):
     for name in ("alpha.png", "palette.gif", "photo.jpg"):
         out = read_image(tmp_path / name)
         assert out.shape == (32, 32, 3) and out.dtype == np.uint8, name
+
+
+@pytest.fixture
+def untrained(tmp_path) -> Path:
+    """An untrained narrow model: enough to show which files get a prediction."""
+    path = tmp_path / "model.pt"
+    save_trained(path, ResNet9((8, 16, 32, 64)), ModelParams(channels=(8, 16, 32, 64)), (125.0,) * 3, (63.0,) * 3,
+                 CLASSES, {})
+    return path
+
+
+@pytest.mark.parametrize("times_the_limit", [1.5, 3])  # Pillow warns up to twice its limit, then raises
+def test_decompression_bombs_are_refused_and_the_others_classified(untrained, tmp_path, monkeypatch,
+                                                                  times_the_limit):
+    big = _png(np.zeros((60, 100, 3), np.uint8), tmp_path / "big.png")  # 6,000 pixels
+    good = _png(np.zeros((40, 40, 3), np.uint8), tmp_path / "good.png")  # 1,600 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", int(6000 / times_the_limit))
+    results = predict_files([big, good], untrained, device="cpu", precision="fp32")
+    assert [r.path for r in results] == [str(big), str(good)]
+    assert results[0].error == (f"refused: more than Image.MAX_IMAGE_PIXELS ({int(6000 / times_the_limit)}) "
+                                f"pixels, Pillow's limit against decompression bombs")
+    assert results[1].error is None and results[1].probs.shape == (10,)
+
+
+def test_a_fifo_a_device_and_a_folder_are_refused_without_blocking(untrained, tmp_path):
+    good = [_png(np.full((32, 32, 3), v, np.uint8), tmp_path / f"{v}.png") for v in (0, 255)]
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer that never comes
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    for path, kind in ((os.devnull, "a character device"), (folder, "a folder")):
+        with pytest.raises(DataError, match=rf"^not a regular file \({kind}\)$"):
+            read_image(path)
+    # The FIFO only in a subprocess, whose timeout stands between a regression and a hung suite.
+    result = _cli("--model", untrained, "--device", "cpu", "--precision", "fp32", good[0], fifo, os.devnull,
+                  good[1], timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"{fifo}: not a regular file (a FIFO)",
+                                          f"{os.devnull}: not a regular file (a character device)"]
+    assert [line.rpartition(": ")[0] for line in result.stdout.splitlines()] == [str(good[0]), str(good[1])]
 
 
 def test_folders_give_their_image_files_sorted_and_not_recursively(tmp_path):

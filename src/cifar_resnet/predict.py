@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 import warnings
 from dataclasses import dataclass
@@ -126,21 +127,44 @@ def inference_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
 
 def read_image(path: str | Path) -> np.ndarray:
     """An image file -> uint8 (32, 32, 3) RGB array, prepared as described in the module docstring.
-    Raises NotAnImage (the reason, without the path) for anything Pillow cannot decode or a file it cannot open."""
+    Raises NotAnImage (the reason, without the path) for anything Pillow cannot decode, a file it cannot open,
+    anything but a regular file (a FIFO would block forever), and an image of more than Image.MAX_IMAGE_PIXELS
+    pixels (Pillow's guard against decompression bombs, which only warns up to twice that)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "palette images with transparency ... RGBA": harmless here
-            with Image.open(path) as image:
-                image = ImageOps.exif_transpose(image).convert("RGB")
-                if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-                    image = image.resize((IMAGE_SIZE, IMAGE_SIZE), RESAMPLE)
-                return np.array(image, dtype=np.uint8)
+        with _open_regular_file(path) as file:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "palette images with transparency ... RGBA": harmless here
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(file) as image:
+                    image = ImageOps.exif_transpose(image).convert("RGB")
+                    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+                        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), RESAMPLE)
+                    return np.array(image, dtype=np.uint8)
     except UnidentifiedImageError:
         raise NotAnImage("not an image (no format Pillow reads)") from None
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise NotAnImage(f"refused: more than Image.MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS}) pixels, Pillow's "
+                         f"limit against decompression bombs") from None
+    except (FileNotFoundError, PermissionError) as exc:
         raise NotAnImage(f"cannot read it ({exc.strerror or type(exc).__name__})") from None
+    except NotAnImage:
+        raise
     except Exception as exc:  # a truncated or corrupt file raises anything from OSError to SyntaxError in Pillow
         raise NotAnImage(f"not a readable image ({type(exc).__name__}: {_first_detail(exc)})") from None
+
+
+_KINDS = {"d": "a folder", "p": "a FIFO", "s": "a socket", "c": "a character device", "b": "a block device"}
+
+
+def _open_regular_file(path: str | Path):
+    """`path` opened for reading in binary, or NotAnImage saying what else it is. Opened non-blocking, then
+    checked: a FIFO opens at once instead of waiting for a writer, and the check is on what was opened."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotAnImage(f"not a regular file ({_KINDS.get(stat.filemode(mode)[0], 'another kind of file')})")
+    return open(fd, "rb")
 
 
 def image_files(paths) -> list[tuple[str, str | None]]:
@@ -238,8 +262,9 @@ are printed. Device and precision as the stages pick them (see --device, --preci
 
 Output: one line per file on stdout, in the order given (a folder's files sorted by name), best class first:
   cats/01.png: cat 0.9120, dog 0.0510, frog 0.0120
-(split a line at its last ': '). A file that cannot be classified (not an image, unreadable, missing) gets
-`path: <reason>` on stderr instead, the other files are still classified, and the exit code is 1. Weights that
+(split a line at its last ': '). A file that cannot be classified (not an image, unreadable, missing, not a
+regular file such as a FIFO, more pixels than Pillow's decompression-bomb limit) gets `path: <reason>` on stderr
+instead, the other files are still classified, and the exit code is 1. Weights that
 cannot be used end the run at once with one line naming the file, exit code 1. With --json, every file's line is a
 JSON object on stdout instead: {"path", "top": [{"class", "probability"}, ...]} or {"path", "error"}.
 
