@@ -31,7 +31,7 @@ from torchvision.datasets.utils import calculate_md5
 from cifar_resnet.data import (ARCHIVE, ARCHIVE_MD5, FOLDER, MD5SUMS_ENV, MIRROR_ENV, OFFICIAL_MD5, SPLIT_SEED,
                                TEST_FILES, TRAIN_FILES, Cifar10Test, expected_md5s, fetch, load_cifar10,
                                load_test_split, read_md5sums)
-from cifar_resnet.errors import DataError
+from cifar_resnet.errors import DataError, ParamsError
 from conftest import REPO, stage_env, tiny_params, write_md5sums
 
 NAMES = ("batches.meta",) + TRAIN_FILES + TEST_FILES
@@ -775,10 +775,12 @@ def test_load_cifar10_subsets_follow_the_split_seed(small):
     assert torch.equal(data.test_images, full.test_images[test_order[:7].sort().values])
 
 
-def test_load_cifar10_limit_above_the_split_size_takes_everything(small):
-    data = load_cifar10(small.folder, train_limit=10_000, test_limit=10_000, md5s=small.md5s)
-    assert len(data.train_images) == PER_BATCH * len(TRAIN_FILES)
-    assert len(data.test_images) == PER_BATCH * len(TEST_FILES)
+def test_load_cifar10_limit_of_the_split_size_takes_everything_and_above_it_fails(small):
+    n_train, n_test = PER_BATCH * len(TRAIN_FILES), PER_BATCH * len(TEST_FILES)
+    data = load_cifar10(small.folder, train_limit=n_train, test_limit=n_test, md5s=small.md5s)
+    assert (len(data.train_images), len(data.test_images)) == (n_train, n_test)
+    with pytest.raises(ParamsError, match="^data.train_limit: expected at most"):
+        load_cifar10(small.folder, train_limit=10_000, md5s=small.md5s)
 
 
 @pytest.mark.parametrize("train_limit", [None, 10])
@@ -834,7 +836,7 @@ def test_mean_std(small):
 # ------------------------------------------------------------------------------------------- load_test_split
 
 
-@pytest.mark.parametrize("test_limit", [None, 7, 1, 10_000])
+@pytest.mark.parametrize("test_limit", [None, 7, 1, PER_BATCH])
 def test_load_test_split_is_load_cifar10s_test_split(small, test_limit):
     test = load_test_split(small.folder, test_limit, md5s=small.md5s)
     data = load_cifar10(small.folder, train_limit=13, test_limit=test_limit, val_size=9, md5s=small.md5s)
@@ -842,7 +844,7 @@ def test_load_test_split_is_load_cifar10s_test_split(small, test_limit):
     assert torch.equal(test.images, data.test_images) and torch.equal(test.labels, data.test_labels)
     assert test.images.dtype == torch.uint8 and test.labels.dtype == torch.int64
     assert test.classes == data.classes == CLASSES
-    assert len(test.images) == min(test_limit or PER_BATCH, PER_BATCH)
+    assert len(test.images) == (test_limit or PER_BATCH)
 
 
 def test_load_test_split_reads_only_the_test_batch(small, tmp_path):
