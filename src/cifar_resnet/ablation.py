@@ -37,10 +37,7 @@ the best set so far: `--on` the best row), cheapest and most certain first:
 (Where a trick does not help, the next row goes `--on` the row before it: `--on best` picks the row with the
 highest validation accuracy with flip TTA so far.)
 
-Without DVC (a lent GPU box has torch but not DVC): `--without-dvc` runs the same stage commands from dvc.yaml in a
-scratch folder (every stage up to evaluate once, then evaluate alone for the other two TTAs), with the same
-refusals of test numbers; runs.csv's `runner` column says which way each row ran, and `--commit SHA` records the
-commit where the copy has no git (its code_hash pins the code either way). The table's numbers are validation
+The table's numbers are validation
 accuracies; the test split is for the one final run of the chosen recipe, outside this command.
 """
 
@@ -51,12 +48,11 @@ import json
 import re
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from cifar_resnet import study, without_dvc
+from cifar_resnet import study
 from cifar_resnet.atomic import atomic_path, write_text
 from cifar_resnet.config import read_yaml
 from cifar_resnet.entry import run_command
@@ -74,7 +70,7 @@ COLUMNS = ["row", "set", "seed", "val_size", *(f"val_accuracy_{c}" for c in TTAS
            "train_seconds", "device", "hardware", "runner", "code_hash", "commit"]
 TEXT_COLUMNS = {"row": str, "set": str, "device": str, "hardware": str, "runner": str, "code_hash": str,
                 "commit": str}
-RUNNERS = {False: "dvc exp run", True: "stage commands without DVC"}
+RUNNER = "dvc exp run"  # runs.csv's `runner`: earlier rows name another way they ran
 BEST = "best"  # --on best: the row with the highest validation accuracy with flip TTA so far
 # Keys this command sets itself: --set may not give them.
 CONTROLLED = {"seed": "--seed", "data.val_size": "--val-size", "train.eval_split": "(always val)",
@@ -345,40 +341,6 @@ def check_trained_once(numbers: dict[str, dict], row: str) -> None:
 # ---------------------------------------------------------------------------------------------- one row
 
 
-def numbers_without_dvc(row: str, wanted: dict[str, list[str]], code: dict, graph: dict) -> dict[str, dict]:
-    """The row's three evaluations run by `without_dvc` in one scratch folder: every stage up to the evaluate stage
-    once, then the evaluate stage alone again for each other TTA, on the same weights (nothing trains twice)."""
-    writer = {out: name for name, (_, outs) in graph.items() for out in outs}
-    evaluator = writer[EVALUATE_JSON.as_posix()]
-    outputs = [out for name in ("train", evaluator) for out in graph[name][1]]
-    numbers = {}
-    with tempfile.TemporaryDirectory(prefix=f"ablation-{row}-") as tmp:
-        folder = Path(tmp)
-        for tta, overrides in wanted.items():
-            names = study.row_stages(graph) if not numbers else {evaluator}
-            without_dvc.run_stages(folder, names, overrides, say=say)
-            read = study.folder_reader(folder)
-            source = f"row {row}, evaluate.tta={tta} (without DVC)"
-            numbers[tta] = validation_numbers(read, code, source)
-            found = test_numbers(read, files_under(folder, outputs))
-            if found:
-                raise AblationError(f"{source} holds test numbers ({'; '.join(found)}): choosing must not see the "
-                                    "test split; the row is not written")
-            if numbers[tta]["tta"] != tta:
-                raise AblationError(f"{source}: evaluated with TTA {numbers[tta]['tta']}, not {tta}")
-    return numbers
-
-
-def files_under(folder: Path, outputs: list[str]) -> list[str]:
-    """The files (relative paths) of the outputs `outputs` in `folder`, folders listed file by file."""
-    found = []
-    for out in outputs:
-        path = folder / out
-        found += [out] if path.is_file() else sorted(p.relative_to(folder).as_posix() for p in path.rglob("*")
-                                                    if p.is_file())
-    return found
-
-
 def best_row(rows: pd.DataFrame) -> str:
     """`--on best`: the row with the highest validation accuracy with flip TTA (the earlier one on a tie)."""
     if rows.empty:
@@ -399,11 +361,8 @@ def resolve_sets(rows: pd.DataFrame, sets: list[str], on: str | None) -> list[st
 
 
 def run_row(row: str, sets: list[str], seed: int = 0, val_size: int = VAL_SIZE, device: str | None = None,
-            on: str | None = None, dvc: bool = True, commit: str | None = None) -> dict:
-    """Train and evaluate one row (three evaluations of one training run); append it to runs.csv, rewrite table.md.
-
-    `dvc=False` runs the stage commands without DVC (`without_dvc`), for a machine without it; `commit` then names
-    the commit the code is at where there is no git checkout to ask (the code_hash pins the code either way)."""
+            on: str | None = None) -> dict:
+    """Train and evaluate one row (three evaluations of one training run); append it to runs.csv, rewrite table.md."""
     if not re.fullmatch(ROW_NAME, row) or row == BEST:
         raise AblationError(f"row name {row!r}: letters and digits, single '_', '.' or '-' between them (it names "
                             f"DVC experiments), and not {BEST!r}")
@@ -420,19 +379,12 @@ def run_row(row: str, sets: list[str], seed: int = 0, val_size: int = VAL_SIZE, 
     code_hash = study.code_hash(code)
     refuse_existing(rows, row, sets, seed, val_size, code_hash)
     wanted = {tta: row_overrides(sets, seed, val_size, device, tta) for tta in TTAS}
-    if dvc:
-        numbers, commit = numbers_with_dvc(row, wanted, code, graph)
-    else:
-        commit = commit or study.head()
-        raw = read_yaml(Path("params.yaml").read_text()) or {}
-        for overrides in wanted.values():
-            without_dvc.apply_overrides(raw, overrides)  # validates all three before anything runs
-        numbers = numbers_without_dvc(row, wanted, code, graph)
+    numbers, commit = numbers_with_dvc(row, wanted, code, graph)
     base = numbers["none"]
     new = {"row": row, "set": join_sets(sets), "seed": seed, "val_size": val_size,
            **{f"val_accuracy_{c}": numbers[tta]["val_accuracy"] for tta, c in TTAS.items()},
            "lr_max": base["lr_max"], "train_seconds": base["train_seconds"], "device": base["device"],
-           "hardware": base["hardware"], "runner": RUNNERS[not dvc], "code_hash": code_hash, "commit": commit}
+           "hardware": base["hardware"], "runner": RUNNER, "code_hash": code_hash, "commit": commit}
     rows = read_rows()  # again: another command may have added a row meanwhile
     refuse_existing(rows, row, sets, seed, val_size, code_hash)
     write_rows(pd.DataFrame(rows.to_dict("records") + [new], columns=COLUMNS))
@@ -470,23 +422,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--val-size", type=int, default=VAL_SIZE,
                         help=f"data.val_size: training images held out for validation (default {VAL_SIZE})")
     parser.add_argument("--device", help="train.device for the run (cuda, cpu, mps, auto)")
-    parser.add_argument("--without-dvc", action="store_true",
-                        help="run the stage commands without DVC, in a scratch folder (a machine without DVC, such "
-                             "as a lent GPU box): the same code and numbers, recorded with runner 'stage commands "
-                             "without DVC'")
-    parser.add_argument("--commit", help="with --without-dvc where there is no git checkout: the commit the code is "
-                                         "at (recorded; the code_hash pins the code either way)")
-    args = parser.parse_args(argv)
-    if args.commit and not args.without_dvc:
-        parser.error("--commit goes with --without-dvc (DVC experiments start from HEAD)")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     return run_command(lambda: study.one_line(lambda: run_row(args.row, args.set, args.seed, args.val_size,
-                                                              args.device, args.on, dvc=not args.without_dvc,
-                                                              commit=args.commit)),
+                                                              args.device, args.on)),
                        f"no row written; run the same command again (finished experiments of row {args.row} "
                        "are reused)")
 

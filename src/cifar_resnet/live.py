@@ -26,7 +26,7 @@ from cifar_resnet.paths import LIVE_METRICS
 
 LIVE_DIR = LIVE_METRICS.parent
 STEP = "epoch"  # the history column that is DVCLive's step
-# `off` where DVC is not installed (cifar_resnet.without_dvc): DVCLive imports DVC, and nothing would read the files.
+# `off` where DVC is not installed: DVCLive imports DVC, and nothing would read the files.
 LIVE_ENV = "CIFAR_RESNET_LIVE"
 
 
