@@ -16,14 +16,14 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
 	$(VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
-	$(VENV)/bin/python -m cifar_resnet.plots_template
+	$(VENV)/bin/python -m cifar_resnet.lab.plots_template
 	touch $@
 
 # Offline `dvc plots show`/`diff` (README, "Plots offline"): the page template with vega inlined, set as this clone's
 # plots.html_template in .dvc/config.local. Both git-ignored; written at install, and again here when deleted.
 PLOTS_TEMPLATE := .dvc/plots_offline.html
 $(PLOTS_TEMPLATE): | $(VENV)/.installed
-	$(VENV)/bin/python -m cifar_resnet.plots_template
+	$(VENV)/bin/python -m cifar_resnet.lab.plots_template
 
 install: $(VENV)/.installed $(PLOTS_TEMPLATE)
 
@@ -34,7 +34,7 @@ test: $(VENV)/.installed
 	python -m pytest
 
 bench: $(VENV)/.installed
-	python -m cifar_resnet.bench
+	python -m cifar_resnet.lab.bench
 
 plots: install
 	dvc plots show
@@ -42,11 +42,11 @@ plots: install
 clean-checkpoints:
 	rm -rf "$${CIFAR_RESNET_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/cifar_resnet}/checkpoints"
 # `make study NAME=default SEEDS=0-4 [SET="key=value ..."] [DEVICE=cuda]`: one configuration run for many seeds
-# through DVC, summarised in studies/NAME/ (see `python -m cifar_resnet.study --help`). Re-running skips done seeds.
+# through DVC, summarised in studies/NAME/ (see `python -m cifar_resnet.lab.seed_study --help`). Re-running skips done seeds.
 SEEDS ?= 0-4
 study: $(VENV)/.installed
 	$(if $(NAME),,$(error NAME is required: make study NAME=default SEEDS=0-4))
-	python -m cifar_resnet.study '$(NAME)' --seeds '$(SEEDS)' $(foreach s,$(SET),--set '$(s)') \
+	python -m cifar_resnet.lab.seed_study '$(NAME)' --seeds '$(SEEDS)' $(foreach s,$(SET),--set '$(s)') \
 		$(if $(DEVICE),--device '$(DEVICE)')
 
 # The tricks set, chosen on the validation split (README, "Tricks"; the `stack` row of studies/ablation/): the one
@@ -89,14 +89,14 @@ pull: $(VENV)/.installed
 # `make gpu-check`: for a machine with a GPU (README, "GPU and other devices"). No install and no .venv needed: it runs
 # with whatever $(PYTHON) is on PATH and its torch (no DVC, no albumentations, no data set: synthetic images without
 # one). The portability tests on CUDA or MPS, a 24-epoch full-size timing and the bench; one JSON line last. With no
-# GPU: the CPU part only, and exit 0. Options: GPU_CHECK_ARGS="--epochs 5" (python -m cifar_resnet.gpu_check -h).
+# GPU: the CPU part only, and exit 0. Options: GPU_CHECK_ARGS="--epochs 5" (python -m cifar_resnet.lab.gpu_check -h).
 gpu-check:
-	$(PYTHON) -m cifar_resnet.gpu_check $(GPU_CHECK_ARGS)
+	$(PYTHON) -m cifar_resnet.lab.gpu_check $(GPU_CHECK_ARGS)
 
 # `make ablation ROW=baseline [SET="key=value ..."] [ON=EARLIER_ROW] [SEED=0] [DEVICE=cuda] [VAL_SIZE=5000]`: one row
 # of the tricks ablation: one training run on 45,000 images, its validation accuracy without TTA, with flip and
-# with flip+translate, appended to studies/ablation/runs.csv and table.md (`python -m cifar_resnet.ablation --help`).
+# with flip+translate, appended to studies/ablation/runs.csv and table.md (`python -m cifar_resnet.lab.ablation --help`).
 ablation: $(VENV)/.installed
 	$(if $(ROW),,$(error ROW is required: make ablation ROW=baseline [SET="train.label_smoothing=0.2"] [ON=row]))
-	python -m cifar_resnet.ablation '$(ROW)' $(foreach s,$(SET),--set '$(s)') $(if $(ON),--on '$(ON)') \
+	python -m cifar_resnet.lab.ablation '$(ROW)' $(foreach s,$(SET),--set '$(s)') $(if $(ON),--on '$(ON)') \
 		$(if $(SEED),--seed '$(SEED)') $(if $(VAL_SIZE),--val-size '$(VAL_SIZE)') $(if $(DEVICE),--device '$(DEVICE)')

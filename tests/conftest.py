@@ -93,7 +93,7 @@ TINY_SET = ("data.train_limit=1024", "data.test_limit=512", "model.channels=[8,1
 def tiny_set(*changes: str) -> list[str]:
     """TINY_SET's "key=value" settings, with `changes` in place of the values they name or after them."""
     # Imported here, not at the top: it loads pandas, which most tests never need.
-    from cifar_resnet.ablation import cumulative_sets
+    from cifar_resnet.lab.ablation import cumulative_sets
     return cumulative_sets(list(TINY_SET), list(changes))
 
 

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from conftest import REPO, Repo, copy_repo, stage_env, tiny_set
-from cifar_resnet import ablation
-from cifar_resnet.ablation import AblationError
+from cifar_resnet.lab import ablation, ablation_table, validation_only
+from cifar_resnet.lab.ablation_table import AblationError
 
 
 CODE = "1e55555555555555"
@@ -40,9 +40,9 @@ def in_tmp(tmp_path, monkeypatch):
 
 def test_sets_round_trip_through_one_string():
     sets = ["train.label_smoothing=0.2", "model.channels=[8, 16, 32, 64]", "augment.flip=alternate"]
-    text = ablation.join_sets(sets)
+    text = ablation_table.join_sets(sets)
     assert text == "train.label_smoothing=0.2 'model.channels=[8, 16, 32, 64]' augment.flip=alternate"
-    assert ablation.parse_sets(text) == sets and ablation.parse_sets("") == []
+    assert ablation_table.parse_sets(text) == sets and ablation_table.parse_sets("") == []
 
 
 def test_sets_are_cumulative_and_a_later_value_wins():
@@ -79,7 +79,7 @@ def test_experiment_names_cannot_collide_across_rows():
 
 def test_the_overrides_are_valid_params(monkeypatch):
     """What the command gives DVC passes the params gate with the repo's params.yaml."""
-    from cifar_resnet.study import wanted_params
+    from cifar_resnet.lab.params import wanted_params
 
     monkeypatch.chdir(REPO)
     for tta in ablation.TTAS:
@@ -92,21 +92,21 @@ def test_the_overrides_are_valid_params(monkeypatch):
 
 
 def test_an_existing_row_name_or_configuration_is_refused():
-    rows = pd.DataFrame([row("baseline"), row("ls", "train.label_smoothing=0.2")], columns=ablation.COLUMNS)
+    rows = pd.DataFrame([row("baseline"), row("ls", "train.label_smoothing=0.2")], columns=ablation_table.COLUMNS)
     with pytest.raises(AblationError, match=r"row baseline is already in studies/ablation/runs\.csv \(seed 0\)"):
-        ablation.refuse_existing(rows, "baseline", ["train.ema_decay=0.99"], 1, 5000, CODE)
+        ablation_table.refuse_existing(rows, "baseline", ["train.ema_decay=0.99"], 1, 5000, CODE)
     with pytest.raises(AblationError, match="row ls in .* already has this set, seed 0 and val_size 5000 on this"):
-        ablation.refuse_existing(rows, "ls-again", ["train.label_smoothing=0.2"], 0, 5000, CODE)
-    ablation.refuse_existing(rows, "ls-seed1", ["train.label_smoothing=0.2"], 1, 5000, CODE)  # another seed
-    ablation.refuse_existing(rows, "ls-val", ["train.label_smoothing=0.2"], 0, 1000, CODE)
-    ablation.refuse_existing(rows, "ls-fixed", ["train.label_smoothing=0.2"], 0, 5000, "2" * 16)  # other code
+        ablation_table.refuse_existing(rows, "ls-again", ["train.label_smoothing=0.2"], 0, 5000, CODE)
+    ablation_table.refuse_existing(rows, "ls-seed1", ["train.label_smoothing=0.2"], 1, 5000, CODE)  # another seed
+    ablation_table.refuse_existing(rows, "ls-val", ["train.label_smoothing=0.2"], 0, 1000, CODE)
+    ablation_table.refuse_existing(rows, "ls-fixed", ["train.label_smoothing=0.2"], 0, 5000, "2" * 16)  # other code
 
 
 def test_the_table_names_the_gpus_of_rows_written_with_a_list():
-    assert ablation.hardware_name("['NVIDIA H200']") == "NVIDIA H200"
-    assert ablation.hardware_name("['NVIDIA H100', 'NVIDIA H100']") == "NVIDIA H100, NVIDIA H100"
-    assert ablation.hardware_name("AMD EPYC") == "AMD EPYC"
-    from cifar_resnet.study import hardware_of
+    assert ablation_table.hardware_name("['NVIDIA H200']") == "NVIDIA H200"
+    assert ablation_table.hardware_name("['NVIDIA H100', 'NVIDIA H100']") == "NVIDIA H100, NVIDIA H100"
+    assert ablation_table.hardware_name("AMD EPYC") == "AMD EPYC"
+    from cifar_resnet.lab.dvc_runs import hardware_of
 
     assert hardware_of({"device": "cuda", "gpu": ["NVIDIA H200", "NVIDIA H200"]}) == "NVIDIA H200, NVIDIA H200"
     assert hardware_of({"device": "cpu", "cpu": "AMD EPYC", "gpu": None}) == "AMD EPYC"
@@ -114,10 +114,10 @@ def test_the_table_names_the_gpus_of_rows_written_with_a_list():
 
 def test_rows_and_table_round_trip(in_tmp):
     rows = pd.DataFrame([row("baseline"), row("ls|x", "train.label_smoothing=0.2", train_seconds=61.0)],
-                        columns=ablation.COLUMNS)
-    ablation.write_rows(rows)
-    back = ablation.read_rows()
-    assert list(back.columns) == ablation.COLUMNS and list(back["row"]) == ["baseline", "ls|x"]
+                        columns=ablation_table.COLUMNS)
+    ablation_table.write_rows(rows)
+    back = ablation_table.read_rows()
+    assert list(back.columns) == ablation_table.COLUMNS and list(back["row"]) == ["baseline", "ls|x"]
     assert back["set"][0] == "" and back["code_hash"][0] == "1e55555555555555"  # text stays text
     assert back["val_accuracy_flip"][0] == 0.904 and back["commit"][0] == "a" * 40
     table = (in_tmp / "studies/ablation/table.md").read_text()
@@ -133,19 +133,8 @@ def test_rows_and_table_round_trip(in_tmp):
     assert "ls\\|x" in body[1] and "`train.label_smoothing=0.2`" in body[1] and "| 61 s " in body[1]
     assert all(line.rstrip().endswith("| dvc exp run |") for line in body)
     assert "no test accuracy was computed" in table
-    ablation.write_rows(back)
+    ablation_table.write_rows(back)
     assert (in_tmp / "studies/ablation/table.md").read_text() == table  # the same rows, the same bytes
-
-
-def test_the_table_without_tabulate_has_the_same_cells(monkeypatch):
-    frame = ablation.table_frame(pd.DataFrame([row("baseline"), row("ema", "train.ema_decay=0.99")]))
-    with_tabulate = ablation.pipe_table(frame)
-    monkeypatch.setitem(sys.modules, "tabulate", None)  # import tabulate -> ImportError
-    plain = ablation.pipe_table(frame)
-
-    def cells(text):
-        return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if "---" not in line]
-    assert cells(plain) == cells(with_tabulate) and len(cells(plain)) == 3
 
 
 # ---------------------------------------------------------------------------------------------- reading a run
@@ -188,11 +177,11 @@ def test_test_numbers_are_found_in_any_output_file():
              "dvclive/metrics.json": b'{"step": 2, "val_acc": 0.8, "train_loss": 1.0}',
              "plots/history.tsv": b"epoch\tval_acc\n1\t0.5\n", "plots/confusion.csv": b"actual,predicted\ncat,dog\n",
              "models/summary.txt": b"test_acc is not looked for in text"}
-    assert ablation.test_numbers(files.get, [*files, "missing.json"]) == []
+    assert validation_only.test_numbers(files.get, [*files, "missing.json"]) == []
     files.update({"metrics/evaluate.json": b'{"accuracy": 0.9, "loss": 0.3, "val_accuracy": 0.8}',
                   "dvclive/metrics.json": b'{"step": 2, "nested": {"test_acc": 0.5}}',
                   "dvclive/plots/metrics/test_acc.tsv": b"step\ttest_acc\n", "plots/c.csv": b"epoch,test_loss\n"})
-    assert ablation.test_numbers(files.get, sorted(files)) == [
+    assert validation_only.test_numbers(files.get, sorted(files)) == [
         "dvclive/metrics.json: nested.test_acc", "dvclive/plots/metrics/test_acc.tsv: its name",
         "metrics/evaluate.json: accuracy", "metrics/evaluate.json: loss", "plots/c.csv: column test_loss"]
 
@@ -211,13 +200,13 @@ def test_the_output_files_of_an_experiment_are_its_stages_git_files(tmp_path, mo
     env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "x"]):
         subprocess.run(["git", *args], check=True, env={**os.environ, **env})
-    assert ablation.row_output_files("HEAD") == ["dvclive/plots/metrics/lr.tsv", "dvclive/plots/metrics/val_acc.tsv",
+    assert validation_only.row_output_files("HEAD") == ["dvclive/plots/metrics/lr.tsv", "dvclive/plots/metrics/val_acc.tsv",
                                                  "metrics/evaluate.json", "metrics/train.json"]
-    ablation.refuse_test_numbers("HEAD", "x")
+    validation_only.refuse_test_numbers("HEAD", "x")
     (tmp_path / "metrics/evaluate.json").write_text('{"accuracy": 0.9}')
     subprocess.run(["git", "commit", "-qam", "y"], check=True, env={**os.environ, **env})
     with pytest.raises(AblationError, match=r"experiment x holds test numbers \(metrics/evaluate\.json: accuracy\)"):
-        ablation.refuse_test_numbers("HEAD", "x")
+        validation_only.refuse_test_numbers("HEAD", "x")
 
 
 def test_evaluations_of_two_training_runs_are_refused():
@@ -237,7 +226,7 @@ def test_evaluations_of_two_training_runs_are_refused():
 def test_an_existing_row_is_refused_in_one_line_before_any_run(in_tmp, capsys):
     for name in ("dvc.yaml", "params.yaml"):
         (in_tmp / name).write_text((REPO / name).read_text())
-    ablation.write_rows(pd.DataFrame([row("baseline")], columns=ablation.COLUMNS))
+    ablation_table.write_rows(pd.DataFrame([row("baseline")], columns=ablation_table.COLUMNS))
     assert ablation.main(["baseline"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: row baseline is already in studies/ablation/runs.csv") and err.count("\n") == 1
@@ -256,7 +245,7 @@ def test_an_unexpected_error_ends_in_one_line(monkeypatch, capsys):
 
 
 def test_help_gives_the_plan_and_runs_nothing():
-    result = subprocess.run([sys.executable, "-m", "cifar_resnet.ablation", "--help"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "cifar_resnet.lab.ablation", "--help"], capture_output=True,
                             text=True, env=stage_env(), timeout=60, check=False)
     out = result.stdout
     assert result.returncode == 0 and "dvc exp run --temp" in out and "--val-size" in out, out
@@ -271,7 +260,7 @@ def test_make_ablation_runs_the_command():
                              "SET=train.ema_decay=0.99 train.ema_every=4", "SEED=1", "DEVICE=cuda"],
                             cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     command = " ".join(result.stdout.replace("\\\n", " ").split())
-    assert ("python -m cifar_resnet.ablation 'ema' --set 'train.ema_decay=0.99' --set 'train.ema_every=4' "
+    assert ("python -m cifar_resnet.lab.ablation 'ema' --set 'train.ema_decay=0.99' --set 'train.ema_every=4' "
             "--on 'ls' --seed '1' --device 'cuda'") in command, result.stdout + result.stderr
     missing = subprocess.run(["make", "-n", "-o", ".venv/.installed", "ablation"], cwd=REPO, capture_output=True,
                              text=True, timeout=60, check=False)
@@ -288,7 +277,7 @@ TINY = tiny_set("train.batch_size=128")
 
 class AblationRepo(Repo):
     def ablation(self, *args, check=True) -> subprocess.CompletedProcess:
-        return self.run(sys.executable, "-m", "cifar_resnet.ablation", *args, check=check)
+        return self.run(sys.executable, "-m", "cifar_resnet.lab.ablation", *args, check=check)
 
     def experiments(self) -> dict[str, str]:
         refs = self.run("git", "for-each-ref", "--format=%(refname)", "refs/exps").stdout.split()
@@ -333,10 +322,10 @@ def test_a_row_trains_once_evaluates_three_times_and_sees_no_test_number(repo):
             if rel.endswith((".json", ".tsv", ".csv")):
                 text = repo.show(ref, rel)
                 assert "test_" not in text and '"accuracy"' not in text, (name, rel)
-    rows = ablation.read_rows(repo.path / "studies/ablation/runs.csv")
+    rows = ablation_table.read_rows(repo.path / "studies/ablation/runs.csv")
     assert len(rows) == 1
     r = rows.iloc[0]
-    assert r["row"] == "tiny" and ablation.parse_sets(r["set"]) == TINY and r["seed"] == 0 and r["val_size"] == 256
+    assert r["row"] == "tiny" and ablation_table.parse_sets(r["set"]) == TINY and r["seed"] == 0 and r["val_size"] == 256
     for column in ("val_accuracy_none", "val_accuracy_flip", "val_accuracy_flip_translate"):
         assert 0 <= r[column] <= 1, column
     evaluated = {name: json.loads(repo.show(ref, "metrics/evaluate.json"))["val_accuracy"]
@@ -385,10 +374,10 @@ def test_a_row_whose_write_was_lost_reuses_its_experiments_and_other_params_are_
 
 def test_on_best_takes_the_set_of_the_row_with_the_best_flip_tta_accuracy(in_tmp):
     with pytest.raises(AblationError, match="--on best: no row"):
-        ablation.resolve_sets(ablation.read_rows(), ["train.ema_decay=0.99"], "best")
+        ablation.resolve_sets(ablation_table.read_rows(), ["train.ema_decay=0.99"], "best")
     rows = pd.DataFrame([row("baseline", acc=0.90), row("ls", "train.label_smoothing=0.2", acc=0.91),
                          row("ema", "train.label_smoothing=0.2 train.ema_decay=0.99", acc=0.905),
-                         row("tie", "train.frozen_bn_scales=true", acc=0.91)], columns=ablation.COLUMNS)
+                         row("tie", "train.frozen_bn_scales=true", acc=0.91)], columns=ablation_table.COLUMNS)
     assert ablation.best_row(rows) == "ls"  # the earlier of two equal rows
     assert ablation.resolve_sets(rows, ["augment.flip=alternate"], "best") == [
         "train.label_smoothing=0.2", "augment.flip=alternate"]
@@ -398,6 +387,6 @@ def test_on_best_takes_the_set_of_the_row_with_the_best_flip_tta_accuracy(in_tmp
 
 def test_the_committed_table_is_made_from_the_committed_rows():
     """Rows recorded by another runner (the `runner` column says which) still read, and make the committed table."""
-    rows = ablation.read_rows(REPO / "studies/ablation/runs.csv")
+    rows = ablation_table.read_rows(REPO / "studies/ablation/runs.csv")
     assert not rows.empty and set(rows["runner"]) <= {"dvc exp run", "stage commands without DVC"}
-    assert ablation.markdown_table(rows) == (REPO / "studies/ablation/table.md").read_text()
+    assert ablation_table.markdown_table(rows) == (REPO / "studies/ablation/table.md").read_text()

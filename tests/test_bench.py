@@ -12,7 +12,7 @@ from conftest import stage_env, tiny_params
 def test_bench_prints_the_summary_json(tmp_path):
     params = tiny_params(train={"batch_size": 32, "device": "cpu"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = subprocess.run([sys.executable, "-m", "cifar_resnet.bench", "--steps", "2"], cwd=tmp_path,
+    out = subprocess.run([sys.executable, "-m", "cifar_resnet.lab.bench", "--steps", "2"], cwd=tmp_path,
                          env=stage_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
@@ -27,7 +27,7 @@ def test_bench_prints_the_summary_json(tmp_path):
 def test_bench_profile_names_the_operators(tmp_path):
     params = tiny_params(train={"batch_size": 32, "device": "cpu"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = subprocess.run([sys.executable, "-m", "cifar_resnet.bench", "--profile", "--steps", "2"], cwd=tmp_path,
+    out = subprocess.run([sys.executable, "-m", "cifar_resnet.lab.bench", "--profile", "--steps", "2"], cwd=tmp_path,
                          env=stage_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "convolution" in out.stdout and "Self CPU" in out.stdout

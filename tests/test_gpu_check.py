@@ -23,7 +23,7 @@ def run_check(cwd, *args, **env) -> subprocess.CompletedProcess:
     """The check as `make gpu-check` starts it, with CUDA hidden, in `cwd` (which holds a params.yaml)."""
     base = {k: v for k, v in os.environ.items() if k not in ("CIFAR10_MIRROR", "CIFAR10_MD5SUMS")}
     base.update(PYTHONPATH=str(REPO / "src"), NO_ALBUMENTATIONS_UPDATE="1", CUDA_VISIBLE_DEVICES="", **env)
-    return subprocess.run([sys.executable, "-m", "cifar_resnet.gpu_check", *args], cwd=cwd, env=base,
+    return subprocess.run([sys.executable, "-m", "cifar_resnet.lab.gpu_check", *args], cwd=cwd, env=base,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -85,14 +85,14 @@ def test_the_make_target_runs_the_module_without_installing():
     out = subprocess.run(["make", "-n", "gpu-check", "GPU_CHECK_ARGS=--quick"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "-m cifar_resnet.gpu_check --quick" in out.stdout
+    assert "-m cifar_resnet.lab.gpu_check --quick" in out.stdout
     assert "pip" not in out.stdout and "venv" not in out.stdout
 
 
 def test_the_bench_parts_are_summed_up_and_reference_needs_albumentations(monkeypatch):
     import importlib.util
 
-    from cifar_resnet import bench, gpu_check
+    from cifar_resnet.lab import bench, gpu_check
 
     fake = {"step": {"img_per_s": 1000.0, "precision": "bf16"}, "floor": {"floor_img_per_s": 2000.0},
             "reference": {"reference_img_per_s": 100.0}, "matmul": {"matmul_flop_per_s": 1e13}}
@@ -122,7 +122,7 @@ def test_the_bench_parts_are_summed_up_and_reference_needs_albumentations(monkey
 def test_without_tqdm_a_silent_stand_in_goes_on_the_path(tmp_path, monkeypatch):
     import importlib.util
 
-    from cifar_resnet import gpu_check
+    from cifar_resnet.lab import gpu_check
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

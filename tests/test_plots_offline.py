@@ -1,7 +1,7 @@
 """`dvc plots show` / `dvc plots diff` pages draw every chart with no network, with titled axes.
 
 In a temporary git copy of the repo (its committed plots/ files), after the set-up step that `make install` runs
-(`python -m cifar_resnet.plots_template`), DVC writes its pages and a real headless Chromium, with no network
+(`python -m cifar_resnet.lab.plots_template`), DVC writes its pages and a real headless Chromium, with no network
 (`unshare -n`), renders them; `--virtual-time-budget` with `--dump-dom` gives a deterministic end, no sleeps. Vega
 leaves one element of class `marks` per chart it drew. DVC's own page (a clone before set-up) is the control: it
 still works, and draws nothing offline, which also shows that the browser really had no network.
@@ -24,7 +24,7 @@ import yaml
 
 from conftest import REPO
 
-from cifar_resnet import plots_template
+from cifar_resnet.lab import plots_template
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".svg")
 DATA_FILES = ["plots/history.tsv", "plots/lr_range_test.tsv", "plots/confusion.csv"]
@@ -133,7 +133,7 @@ def plots_repo(tmp_path_factory):
     # Before set-up: DVC's own page (loads vega from a CDN).
     run(sys.executable, "-m", "dvc", "plots", "show", "-o", str(root / "default"))
     # The set-up step, as `make install` runs it.
-    run(sys.executable, "-m", "cifar_resnet.plots_template")
+    run(sys.executable, "-m", "cifar_resnet.lab.plots_template")
     return path, run, root / "default" / "index.html"
 
 

@@ -10,7 +10,7 @@ pyyaml, pytest). Three parts, on CUDA (else Apple's MPS):
    some data_batch_N files will do: its images are repeated to fill the 50,000), else random uint8 images of the
    same shape with random labels (the accuracy is then null). LRMAX is fixed at 0.4: the range test's pick on the
    real data is about 0.43, and this check times the recipe, it does not tune it;
-3. the bench's measurements (`python -m cifar_resnet.bench`, part by part: its `reference` part needs albumentations
+3. the bench's measurements (`python -m cifar_resnet.lab.bench`, part by part: its `reference` part needs albumentations
    and is skipped without it).
 With no GPU it says so and runs the CPU part only: the portability tests on the CPU and a short timing (1 epoch of
 512 images: seconds); the bench is skipped (`--bench-steps N` runs it). The last line printed is one JSON object.
@@ -31,7 +31,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]  # src/cifar_resnet/gpu_check.py -> the checkout (tests/ lives there)
+REPO = Path(__file__).resolve().parents[3]  # src/cifar_resnet/lab/gpu_check.py -> the checkout (tests/ lives there)
 PORTABILITY_TESTS = REPO / "tests" / "test_device_portability.py"
 LR_MAX = 0.4  # the range test picks ~0.43 on the real data; a check times the recipe, it does not tune it
 FULL = {"epochs": 24, "train_images": 50_000, "test_images": 10_000, "bench_steps": 20}
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m cifar_resnet.gpu_check", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m cifar_resnet.lab.gpu_check", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, help="timing run epochs (default: 24 on a GPU, 1 on the CPU)")
@@ -336,7 +336,7 @@ def _synthetic(n_train: int, n_test: int, seed: int):
 
 def _bench(steps: int, notes: list[str]) -> dict:
     """The bench's parts, each in its own process as `make bench` runs them; `reference` only with albumentations."""
-    from cifar_resnet import bench
+    from cifar_resnet.lab import bench
 
     say(f"\n== 3. bench ({steps} timed steps per part) ==")
     parts = ["step", "floor", "reference", "matmul"]

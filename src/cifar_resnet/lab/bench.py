@@ -197,7 +197,7 @@ def _run_part(part: str, steps: int, default_allocator: bool) -> dict:
             env["GLIBC_TUNABLES"] = ":".join(tunables)
         else:
             env.pop("GLIBC_TUNABLES", None)
-    out = subprocess.run([sys.executable, "-m", "cifar_resnet.bench", "--part", part, "--steps", str(steps)],
+    out = subprocess.run([sys.executable, "-m", "cifar_resnet.lab.bench", "--part", part, "--steps", str(steps)],
                          env=env, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"bench part {part} failed:\n{out.stderr}")

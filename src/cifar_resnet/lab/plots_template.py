@@ -37,7 +37,7 @@ _PAGE = """<!DOCTYPE html>
 <meta charset="utf-8">
 {{refresh_tag}}
 <title>DVC Plot</title>
-<!-- Written by `python -m cifar_resnet.plots_template` (make install); not in git. Inlined, no network needed:
+<!-- Written by `python -m cifar_resnet.lab.plots_template` (make install); not in git. Inlined, no network needed:
      vega-embed {embed} + vega {vega} + vega-lite {vega_lite}, from vl-convert-python {vlc} (sha256 {digest}). -->
 <script type="text/javascript">
 (() => {{
@@ -105,7 +105,7 @@ def set_default(repo: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m cifar_resnet.plots_template", description=__doc__.split("\n\n")[0],
+        prog="python -m cifar_resnet.lab.plots_template", description=__doc__.split("\n\n")[0],
         epilog="Writes <repo>/.dvc/plots_offline.html and sets `plots.html_template` in <repo>/.dvc/config.local.")
     parser.add_argument("--repo", type=Path, default=Path.cwd(), help="the DVC repository (default: here)")
     args = parser.parse_args(argv)
