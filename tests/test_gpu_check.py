@@ -97,14 +97,14 @@ def test_the_bench_parts_are_summed_up_and_reference_needs_albumentations(monkey
     fake = {"step": {"img_per_s": 1000.0, "precision": "bf16"}, "floor": {"floor_img_per_s": 2000.0},
             "reference": {"reference_img_per_s": 100.0}, "matmul": {"matmul_flop_per_s": 1e13}}
     ran = []
-    monkeypatch.setattr(bench, "_run_part", lambda part, steps, default_allocator: ran.append(part) or fake[part])
+    monkeypatch.setattr(bench, "run_part", lambda part, steps, default_allocator: ran.append(part) or fake[part])
     real_find_spec = importlib.util.find_spec
     for albumentations, expected in ((False, None), (True, 100.0)):
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, present=albumentations: (
             None if name in ("albumentations", "cv2") and not present else real_find_spec(name, *a)))
         ran.clear()
         notes = []
-        out = gpu_check._bench(5, notes)
+        out = gpu_check.run_bench(5, notes)
         assert ran == ["step", "floor", "reference", "matmul"] if albumentations else ["step", "floor", "matmul"]
         assert out["reference_img_per_s"] == expected and bool(notes) != albumentations
         assert out["img_per_s"] == 1000.0 and out["conv_fraction"] == 0.5 and out["steps"] == 5
@@ -115,29 +115,5 @@ def test_the_bench_parts_are_summed_up_and_reference_needs_albumentations(monkey
             raise SystemExit("bench part floor failed:\nCUDA error")
         return fake[part]
 
-    monkeypatch.setattr(bench, "_run_part", failing)
-    assert gpu_check._bench(5, [])["error"] == "bench part floor failed"
-
-
-def test_without_tqdm_a_silent_stand_in_goes_on_the_path(tmp_path, monkeypatch):
-    import importlib.util
-
-    from cifar_resnet.lab import gpu_check
-
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "tqdm" else real_find_spec(name, *a))
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setenv("PYTHONPATH", "elsewhere")
-    notes = []
-    gpu_check._tqdm_or_stand_in(tmp_path, notes)
-    folder = tmp_path / "stand_ins"
-    assert sys.path[0] == str(folder) and os.environ["PYTHONPATH"] == f"{folder}{os.pathsep}elsewhere" and notes
-    spec = importlib.util.spec_from_file_location("tqdm_stand_in", folder / "tqdm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    bar = module.tqdm(total=3, desc="epoch 1/1", leave=False, disable=False)  # as train._progress calls it
-    bar.set_postfix(loss="2.3", refresh=False)
-    bar.update(1)
-    bar.close()
-    assert bar.disable
+    monkeypatch.setattr(bench, "run_part", failing)
+    assert gpu_check.run_bench(5, [])["error"] == "bench part floor failed"

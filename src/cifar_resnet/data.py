@@ -318,14 +318,16 @@ def _class_names(path: Path, names) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _read_files(folder: Path, files, md5s: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+def read_files(folder: Path, files, md5s: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """The named batch files of `folder`, each checked, as (uint8 images, int64 labels, class names)."""
     parts = [_read_batch(folder, name, md5s) for name in files]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     return torch.from_numpy(images), torch.from_numpy(labels), parts[0][2]
 
 
-def _fixed_order(n: int) -> torch.Tensor:
+def fixed_order(n: int) -> torch.Tensor:
+    """The permutation of n images that the subsets and the validation split take, whatever `seed` says."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
 
 
@@ -369,9 +371,9 @@ class Cifar10:
 def load_test_split(folder: str | Path, test_limit: int | None = None,
                     md5s: dict[str, str] | None = None) -> Cifar10Test:
     """Only the test batch (and the class names) of the verified folder: the same test subset as load_cifar10's."""
-    images, labels, classes = _read_files(Path(folder), TEST_FILES, expected_md5s(md5s))
+    images, labels, classes = read_files(Path(folder), TEST_FILES, expected_md5s(md5s))
     _within("data.test_limit", test_limit, len(images), "test images")
-    idx = torch.arange(len(images)) if test_limit is None else _fixed_order(len(images))[:test_limit]
+    idx = torch.arange(len(images)) if test_limit is None else fixed_order(len(images))[:test_limit]
     idx = idx.sort().values  # sorted indices keep a subset in file order (cheaper gathers, same content)
     return Cifar10Test(images[idx], labels[idx], classes)
 
@@ -380,10 +382,10 @@ def load_cifar10(folder: str | Path, train_limit: int | None = None, test_limit:
                  val_size: int = 0, md5s: dict[str, str] | None = None) -> Cifar10:
     """Load the verified folder. The validation split and the subsets are fixed permutations (SPLIT_SEED)."""
     folder, md5s = Path(folder), expected_md5s(md5s)
-    train_x, train_y, classes = _read_files(folder, TRAIN_FILES, md5s)
+    train_x, train_y, classes = read_files(folder, TRAIN_FILES, md5s)
     if val_size >= len(train_x):
         raise DataError(f"data.val_size ({val_size}) must be below the {len(train_x)} training images")
-    order = _fixed_order(len(train_x))
+    order = fixed_order(len(train_x))
     val_idx, train_idx = order[:val_size], order[val_size:]
     _within("data.train_limit", train_limit, len(train_idx), f"training images left after data.val_size ({val_size})")
     if train_limit is not None:

@@ -187,7 +187,7 @@ def measure_matmul(_steps: int) -> dict:
 PARTS = {"step": measure_step, "floor": measure_floor, "reference": measure_reference, "matmul": measure_matmul}
 
 
-def _run_part(part: str, steps: int, default_allocator: bool) -> dict:
+def run_part(part: str, steps: int, default_allocator: bool) -> dict:
     env = dict(os.environ)
     env.pop("_CIFAR_RESNET_REEXEC", None)
     if default_allocator:
@@ -202,6 +202,19 @@ def _run_part(part: str, steps: int, default_allocator: bool) -> dict:
     if out.returncode:
         raise SystemExit(f"bench part {part} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarise(raw: dict) -> dict:
+    """The parts' raw numbers as the bench reports them: img/s, the fractions of the floor and of the machine's
+    peak, and the speedup over the reference (None without a reference measurement)."""
+    step = raw["img_per_s"]
+    reference = raw.get("reference_img_per_s")
+    return {"img_per_s": round(step, 1), "reference_img_per_s": None if reference is None else round(reference, 1),
+            "floor_img_per_s": round(raw["floor_img_per_s"], 1),
+            "speedup": None if reference is None else round(step / reference, 2),
+            "conv_fraction": round(step / raw["floor_img_per_s"], 3),
+            "peak_fraction": round(FLOP_PER_TRAINED_IMAGE * step / raw["matmul_flop_per_s"], 3),
+            "matmul_tflop_per_s": round(raw["matmul_flop_per_s"] / 1e12, 3)}
 
 
 def main() -> None:
@@ -229,17 +242,10 @@ def main() -> None:
     result = {}
     for part in ("step", "floor", "reference", "matmul"):
         print(f"measuring {part} ...", file=sys.stderr, flush=True)
-        result.update(_run_part(part, args.steps, default_allocator=part == "reference"))
+        result.update(run_part(part, args.steps, default_allocator=part == "reference"))
         print(f"  {json.dumps(result)}", file=sys.stderr, flush=True)
-    step = result["img_per_s"]
     summary = {
-        "img_per_s": round(step, 1),
-        "reference_img_per_s": round(result["reference_img_per_s"], 1),
-        "floor_img_per_s": round(result["floor_img_per_s"], 1),
-        "speedup": round(step / result["reference_img_per_s"], 2),
-        "conv_fraction": round(step / result["floor_img_per_s"], 3),
-        "peak_fraction": round(FLOP_PER_TRAINED_IMAGE * step / result["matmul_flop_per_s"], 3),
-        "matmul_tflop_per_s": round(result["matmul_flop_per_s"] / 1e12, 3),
+        **summarise(result),
         "precision": result["precision"], "channels_last": result["channels_last"], "threads": result["threads"],
         "device": result["device"], "cpu": cpu_model(),
         "allocator": "default" if os.environ.get("CIFAR_RESNET_MALLOC") == "default" else "glibc mmap_threshold=4G",

@@ -1,7 +1,7 @@
 """`make gpu-check`: what a person with a GPU runs once, with the torch already on that machine.
 
 No install step, no DVC, no albumentations, no data set needed (PYTHONPATH=src and torch, torchvision, numpy,
-pyyaml, pytest). Three parts, on CUDA (else Apple's MPS):
+pyyaml, tqdm, pytest). Three parts, on CUDA (else Apple's MPS):
 1. the device-portability tests (tests/test_device_portability.py with CIFAR_RESNET_TEST_DEVICE set to the device);
 2. a timing run of the library's own training loop at full size: params.yaml's recipe (its precision, layout,
    batch size, per-epoch evaluation on the test split, a checkpoint every `train.checkpoint_every` epochs into a
@@ -10,8 +10,8 @@ pyyaml, pytest). Three parts, on CUDA (else Apple's MPS):
    some data_batch_N files will do: its images are repeated to fill the 50,000), else random uint8 images of the
    same shape with random labels (the accuracy is then null). LRMAX is fixed at 0.4: the range test's pick on the
    real data is about 0.43, and this check times the recipe, it does not tune it;
-3. the bench's measurements (`python -m cifar_resnet.lab.bench`, part by part: its `reference` part needs albumentations
-   and is skipped without it).
+3. the bench's measurements (`python -m cifar_resnet.lab.bench`, part by part: its `reference` part needs
+   albumentations and is skipped without it).
 With no GPU it says so and runs the CPU part only: the portability tests on the CPU and a short timing (1 epoch of
 512 images: seconds); the bench is skipped (`--bench-steps N` runs it). The last line printed is one JSON object.
 Exit status: 0 when every part that ran passed, 1 otherwise (a failed portability test included).
@@ -31,6 +31,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from cifar_resnet.lab.command import say
+
 REPO = Path(__file__).resolve().parents[3]  # src/cifar_resnet/lab/gpu_check.py -> the checkout (tests/ lives there)
 PORTABILITY_TESTS = REPO / "tests" / "test_device_portability.py"
 LR_MAX = 0.4  # the range test picks ~0.43 on the real data; a check times the recipe, it does not tune it
@@ -40,32 +42,7 @@ QUICK = {"epochs": 1, "train_images": 64, "test_images": 32, "bench_steps": 0, "
 RUN_KEY = "gpu-check"
 TIMING_KEYS = ("timing", "data", "train_images", "test_images", "epochs", "batch_size", "lr_max",
                "seconds_per_epoch", "seconds_per_epoch_median", "seconds_total", "img_per_s", "accuracy")
-NEEDED = ("torch", "torchvision", "numpy", "yaml")
-TQDM_STAND_IN = '''"""Written by `make gpu-check` where tqdm is not installed: no progress bars."""
-
-
-class tqdm:
-    def __init__(self, *args, disable=False, **kwargs):
-        self.disable = True
-
-    def set_postfix(self, *args, **kwargs):
-        pass
-
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-    def __iter__(self):
-        return iter(())
-'''
-
-
-def say(message: str = "") -> None:
-    print(message, flush=True)
-
-
+NEEDED = ("torch", "torchvision", "numpy", "yaml", "tqdm")
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
@@ -110,7 +87,6 @@ def _check(args, scratch: Path) -> int:
 
     notes = [(f"lr_max {LR_MAX}: fixed near the range test's pick on the real data (~0.43); this check times the "
               "recipe, it does not tune it")]
-    _tqdm_or_stand_in(scratch, notes)
     try:
         params = _timing_params(args.params)
         runtime = _runtime(params)
@@ -145,7 +121,7 @@ def _check(args, scratch: Path) -> int:
         failed.append("timing run")
     bench = None
     if plan["bench_steps"]:
-        bench = _bench(plan["bench_steps"], notes)
+        bench = run_bench(plan["bench_steps"], notes)
         if "error" in bench:
             failed.append("bench")
     else:
@@ -161,19 +137,6 @@ def _check(args, scratch: Path) -> int:
         say(f"gpu-check: FAILED: {', '.join(failed)}")
     print(json.dumps(result), flush=True)
     return 1 if failed else 0
-
-
-def _tqdm_or_stand_in(scratch: Path, notes: list[str]) -> None:
-    """The training loop draws tqdm bars: where tqdm is not installed, a silent stand-in goes on the path (of this
-    process and of the test process it starts)."""
-    if importlib.util.find_spec("tqdm") is not None:
-        return
-    (scratch / "stand_ins").mkdir()
-    (scratch / "stand_ins" / "tqdm.py").write_text(TQDM_STAND_IN)
-    sys.path.insert(0, str(scratch / "stand_ins"))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(scratch / "stand_ins"),
-                                                             os.environ.get("PYTHONPATH")]))
-    notes.append("tqdm is not installed: a silent stand-in was used (progress bars only)")
 
 
 def _timing_params(path: str):
@@ -227,6 +190,7 @@ def _portability_tests(device: str, skip: bool) -> str:
 def _timing_run(params, runtime, plan: dict, scratch: Path) -> dict:
     from cifar_resnet import checkpoint
     from cifar_resnet import train as train_module
+    from cifar_resnet.lab.timing_data import timing_data
 
     tp = params.train
     batch_size = plan.get("batch_size", tp.batch_size)
@@ -234,7 +198,7 @@ def _timing_run(params, runtime, plan: dict, scratch: Path) -> dict:
     # A short run keeps the recipe's shape where it can: the LR peaks at the same fraction of the run.
     peak = max(1, min(epochs - 1, round(tp.peak_epoch * epochs / tp.epochs))) if epochs > 1 else 1
     params = replace(params, train=replace(tp, epochs=epochs, peak_epoch=peak, batch_size=batch_size))
-    data, described, real = _data(plan["train_images"], plan["test_images"], params.seed)
+    data, described, real = timing_data(plan["train_images"], plan["test_images"], params.seed)
     full = plan["train_images"] == FULL["train_images"] and epochs == FULL["epochs"]
     say(f"\n== 2. timing: {epochs} epoch(s) of {len(data.train_images)} images ({described}), "
         f"{'full size' if full else 'SHORT, not the full-size run'}; {runtime.describe()} ==")
@@ -265,76 +229,10 @@ def _timing_run(params, runtime, plan: dict, scratch: Path) -> dict:
     }
 
 
-def _data(n_train: int, n_test: int, seed: int):
-    """(Cifar10, what it is, whether it is real): CIFAR-10 if a verified copy is found, else random images."""
-    folder = _data_folder()
-    if folder is None:
-        return _synthetic(n_train, n_test, seed), "synthetic", False
-    return _real(folder, n_train, n_test)
-
-
-def _data_folder() -> Path | None:
-    """$CIFAR10_MIRROR (a folder holding cifar-10-batches-py/, or the files), else ./data/cifar-10-batches-py: the
-    first that holds batches.meta, test_batch and at least one data_batch_N."""
-    from cifar_resnet.data import FOLDER, META, MIRROR_ENV, TEST_FILES, TRAIN_FILES
-
-    candidates = []
-    if os.environ.get(MIRROR_ENV):
-        mirror = Path(os.environ[MIRROR_ENV])
-        candidates += [mirror / FOLDER, mirror]
-    candidates.append(Path("data") / FOLDER)
-    for folder in candidates:
-        if all((folder / name).is_file() for name in (META, *TEST_FILES)) and \
-                any((folder / name).is_file() for name in TRAIN_FILES):
-            return folder
-    if os.environ.get(MIRROR_ENV):
-        say(f"gpu-check: {MIRROR_ENV}={os.environ[MIRROR_ENV]} holds no CIFAR-10 batches (batches.meta, test_batch "
-            "and a data_batch_N): synthetic images are used")
-    return None
-
-
-def _real(folder: Path, n_train: int, n_test: int):
-    """The training batches present in `folder` (each md5-checked as the pipeline checks them), repeated to fill
-    `n_train` when there are fewer; the same fixed test subset the pipeline takes."""
-    import torch
-
-    from cifar_resnet import data as cifar
-    from cifar_resnet.data import Cifar10
-
-    md5s = cifar.expected_md5s()
-    present = [name for name in cifar.TRAIN_FILES if (folder / name).is_file()]
-    images, labels, classes = cifar._read_files(folder, present, md5s)
-    distinct = len(images)
-    order = cifar._fixed_order(distinct)  # the subset load_cifar10 would take of a complete folder
-    idx = order[:n_train] if n_train <= distinct else order.repeat(-(-n_train // distinct))[:n_train]
-    test = cifar.load_test_split(folder, n_test if n_test < 10_000 else None, md5s)
-    none = torch.zeros(0, dtype=torch.long)
-    data = Cifar10(images[idx], labels[idx], images[:0], none, test.images, test.labels, classes)
-    used = min(n_train, distinct)
-    described = f"real subset {used}" if used < 50_000 else f"real {used}"
-    if n_train > distinct:
-        described += f" (of {folder}, repeated to {n_train})"
-    return data, described, True
-
-
-def _synthetic(n_train: int, n_test: int, seed: int):
-    """Random uint8 images of CIFAR-10's shape and random labels: the timing does not depend on the pixels."""
-    import torch
-
-    from cifar_resnet.data import Cifar10
-
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n_train + n_test, 3, 32, 32), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 10, (n_train + n_test,), generator=g)
-    none = torch.zeros(0, dtype=torch.long)
-    return Cifar10(images[:n_train], labels[:n_train], images[:0], none, images[n_train:], labels[n_train:],
-                   tuple(f"class {i}" for i in range(10)))
-
-
 # ---------------------------------------------------------------------------------------------- 3. bench
 
 
-def _bench(steps: int, notes: list[str]) -> dict:
+def run_bench(steps: int, notes: list[str]) -> dict:
     """The bench's parts, each in its own process as `make bench` runs them; `reference` only with albumentations."""
     from cifar_resnet.lab import bench
 
@@ -347,20 +245,11 @@ def _bench(steps: int, notes: list[str]) -> dict:
     for part in parts:
         say(f"  measuring {part} ...")
         try:
-            raw.update(bench._run_part(part, steps, default_allocator=part == "reference"))
+            raw.update(bench.run_part(part, steps, default_allocator=part == "reference"))
         except SystemExit as exc:  # the bench's own way of saying that a part failed, with its stderr
             say(str(exc))
             return {"error": f"bench part {part} failed", **raw}
-    step = raw["img_per_s"]
-    out = {"img_per_s": round(step, 1), "floor_img_per_s": round(raw["floor_img_per_s"], 1),
-           "conv_fraction": round(step / raw["floor_img_per_s"], 3),
-           "peak_fraction": round(bench.FLOP_PER_TRAINED_IMAGE * step / raw["matmul_flop_per_s"], 3),
-           "matmul_tflop_per_s": round(raw["matmul_flop_per_s"] / 1e12, 3), "steps": steps}
-    if "reference_img_per_s" in raw:
-        out.update(reference_img_per_s=round(raw["reference_img_per_s"], 1),
-                   speedup=round(step / raw["reference_img_per_s"], 2))
-    else:
-        out["reference_img_per_s"] = None
+    out = {**bench.summarise(raw), "steps": steps}
     say(f"  {json.dumps(out)}")
     return out
 
