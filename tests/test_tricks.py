@@ -48,7 +48,7 @@ from cifar_resnet.step import make_optimizer, make_scaler, train_step
 
 DEVICE = os.environ.get("CIFAR_RESNET_TEST_DEVICE", "cpu")
 
-# Every knob on, as the issue lists them (evaluate.tta is an evaluation knob: training must not care).
+# Every knob on, as params.yaml lists them (evaluate.tta is an evaluation knob: training must not care).
 ALL_ON = {
     "model": {"activation": "celu", "whitening": True},
     "augment": {"flip": "alternate"},
