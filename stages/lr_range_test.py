@@ -11,7 +11,7 @@ from cifar_resnet.config import load_params  # noqa: E402
 from cifar_resnet.data import load_cifar10  # noqa: E402
 from cifar_resnet.entry import log, run_stage  # noqa: E402
 from cifar_resnet.figures import lr_range_figure  # noqa: E402
-from cifar_resnet.lr_range_test import run_range_test  # noqa: E402
+from cifar_resnet.lr_finder import run_range_test  # noqa: E402
 from cifar_resnet.paths import DATA_DIR, LR_RANGE_JSON, LR_RANGE_PNG, LR_RANGE_TSV  # noqa: E402
 from cifar_resnet.runtime import pick_runtime  # noqa: E402
 

@@ -81,9 +81,9 @@ def install(emit, stage: str) -> None:
 
     entry.log = watched_log
     if "range-test-iteration" in WRAPPED.get(stage, ()):
-        import cifar_resnet.lr_range_test as range_test
+        import cifar_resnet.lr_finder as lr_finder
 
-        range_test.train_step = after(range_test.train_step, emit, "range-test-iteration")
+        lr_finder.train_step = after(lr_finder.train_step, emit, "range-test-iteration")
     if "eval-batch" in WRAPPED.get(stage, ()):
         import cifar_resnet.evaluate as evaluate
 

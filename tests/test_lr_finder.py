@@ -8,8 +8,8 @@ import torch
 
 from cifar_resnet.config import LrRangeTestParams, parse_params
 from cifar_resnet.data import Cifar10
-import cifar_resnet.lr_range_test as lr_range_test
-from cifar_resnet.lr_range_test import (RISE, RULE, RangeTestError, climb_index, climbed, lr_at, pick_lr_max,
+import cifar_resnet.lr_finder as lr_finder
+from cifar_resnet.lr_finder import (RISE, RULE, RangeTestError, climb_index, climbed, lr_at, pick_lr_max,
                                         pick_result, run_range_test, smooth)
 from cifar_resnet.runtime import pick_runtime
 
@@ -228,7 +228,7 @@ FALLING = [2.3 - 0.02 * i for i in range(25)]
 ])
 def test_the_json_says_why_the_sweep_stopped(monkeypatch, losses, stopped, iterations):
     feed = iter(losses)
-    monkeypatch.setattr(lr_range_test, "train_step", lambda *_a, **_k: (torch.tensor(next(feed)), None))
+    monkeypatch.setattr(lr_finder, "train_step", lambda *_a, **_k: (torch.tensor(next(feed)), None))
     params = tiny_params()  # num_iter 25
     data = tiny_data(n=256)
     result = run_range_test(params, data, *data.mean_std(), pick_runtime(params.train), log=lambda _: None,
