@@ -11,8 +11,8 @@ start_stage_process(fast_allocator=False)  # before any third-party import: see 
 
 from cifar_resnet.atomic import write_text  # noqa: E402
 from cifar_resnet.config import load_params  # noqa: E402
-from cifar_resnet.entry import log, run_stage  # noqa: E402
 from cifar_resnet.paths import PARAMS_CHECKED  # noqa: E402
+from cifar_resnet.stage_door import log, run_stage  # noqa: E402
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ import sys  # noqa: E402
 
 from cifar_resnet.config import load_params  # noqa: E402
 from cifar_resnet.data import fetch, load_cifar10  # noqa: E402
-from cifar_resnet.entry import log, run_stage  # noqa: E402
 from cifar_resnet.paths import DATA_DIR  # noqa: E402
+from cifar_resnet.stage_door import log, run_stage  # noqa: E402
 
 
 def main() -> None:

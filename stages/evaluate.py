@@ -11,12 +11,12 @@ import numpy as np  # noqa: E402
 from cifar_resnet.atomic import write_json, write_npz, write_text  # noqa: E402
 from cifar_resnet.config import evaluation_split, load_params  # noqa: E402
 from cifar_resnet.data import load_split  # noqa: E402
-from cifar_resnet.entry import log, run_stage  # noqa: E402
 from cifar_resnet.evaluate import evaluate  # noqa: E402
 from cifar_resnet.loader import EvalLoader  # noqa: E402
 from cifar_resnet.model import load_trained  # noqa: E402
 from cifar_resnet.paths import CONFUSION_CSV, DATA_DIR, EVALUATE_JSON, MODEL, PREDICTIONS  # noqa: E402
 from cifar_resnet.runtime import pick_runtime  # noqa: E402
+from cifar_resnet.stage_door import log, run_stage  # noqa: E402
 
 
 def main() -> None:

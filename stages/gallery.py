@@ -12,11 +12,11 @@ import pandas as pd  # noqa: E402
 
 from cifar_resnet.config import evaluation_split, load_params  # noqa: E402
 from cifar_resnet.data import load_split  # noqa: E402
-from cifar_resnet.entry import log, run_stage  # noqa: E402
 from cifar_resnet.figures import curves_figure, gallery_figure, schedule_figure  # noqa: E402
 from cifar_resnet.paths import (CURVES_PNG, DATA_DIR, GALLERY_PNG, PREDICTIONS, SCHEDULE_PNG,  # noqa: E402
                                 TRAIN_HISTORY, TRAIN_JSON)
 from cifar_resnet.schedule import OneCycle  # noqa: E402
+from cifar_resnet.stage_door import log, run_stage  # noqa: E402
 
 
 def main() -> None:

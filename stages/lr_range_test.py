@@ -8,19 +8,18 @@ import sys  # noqa: E402
 
 from cifar_resnet.atomic import write_json, write_tsv  # noqa: E402
 from cifar_resnet.config import load_params  # noqa: E402
-from cifar_resnet.data import load_cifar10  # noqa: E402
-from cifar_resnet.entry import log, run_stage  # noqa: E402
+from cifar_resnet.data import load_configured  # noqa: E402
 from cifar_resnet.figures import lr_range_figure  # noqa: E402
-from cifar_resnet.lr_range_test import run_range_test  # noqa: E402
+from cifar_resnet.lr_finder import run_range_test  # noqa: E402
 from cifar_resnet.paths import DATA_DIR, LR_RANGE_JSON, LR_RANGE_PNG, LR_RANGE_TSV  # noqa: E402
 from cifar_resnet.runtime import pick_runtime  # noqa: E402
+from cifar_resnet.stage_door import log, run_stage  # noqa: E402
 
 
 def main() -> None:
     params = load_params()
     runtime = pick_runtime(params.train)
-    d = params.data
-    data = load_cifar10(DATA_DIR, d.train_limit, d.test_limit, d.val_size)
+    data = load_configured(DATA_DIR, params.data)
     mean, std = data.mean_std()
     log(f"lr range test on {len(data.train_images)} training images, {runtime.describe()}")
     result = run_range_test(params, data, mean, std, runtime, log=log, progress=sys.stderr.isatty())

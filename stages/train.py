@@ -20,15 +20,15 @@ import time  # noqa: E402
 from cifar_resnet import checkpoint  # noqa: E402
 from cifar_resnet.atomic import write_json, write_text, write_tsv  # noqa: E402
 from cifar_resnet.config import load_params, resolve_lr_max  # noqa: E402
-from cifar_resnet.data import expected_md5s, load_cifar10  # noqa: E402
+from cifar_resnet.data import expected_md5s, load_configured  # noqa: E402
 from cifar_resnet.distributed import Dist, process_group, relaunch_under_torchrun, under_torchrun  # noqa: E402
-from cifar_resnet.entry import log, quiet, run_stage  # noqa: E402
 from cifar_resnet.errors import CifarResnetError, DivergedError  # noqa: E402
 from cifar_resnet.live import LiveHistory, wanted as live_wanted  # noqa: E402
 from cifar_resnet.model import save_trained, summary  # noqa: E402
 from cifar_resnet.paths import (DATA_DIR, LR_RANGE_JSON, MODEL, MODEL_SUMMARY, TRAIN_HISTORY,  # noqa: E402
                                 TRAIN_JSON, TRAIN_TIMING)
 from cifar_resnet.runtime import accelerator_names, cpu_model, pick_runtime  # noqa: E402
+from cifar_resnet.stage_door import rank_log, run_stage  # noqa: E402
 from cifar_resnet.train import train  # noqa: E402
 
 
@@ -47,26 +47,25 @@ def main() -> None:
 
 def run(params, dist: Dist) -> None:
     started = time.perf_counter()
-    say = log if dist.is_main else quiet
+    log = rank_log(dist.is_main)
     runtime = pick_runtime(params.train, dist.local_rank, dist.local_world_size)
     range_test = json.loads(LR_RANGE_JSON.read_text()) if LR_RANGE_JSON.is_file() else None
     lr_max, lr_min, source = resolve_lr_max(params, range_test)
-    d = params.data
-    data = load_cifar10(DATA_DIR, d.train_limit, d.test_limit, d.val_size)
+    data = load_configured(DATA_DIR, params.data)
     mean, std = data.mean_std()
     key, identity = checkpoint.run_identity(params, lr_max, lr_min, runtime, dist.world_size, expected_md5s())
     # Rank 0 holds the checkpoint folder from here until it is removed: no other live run of this config uses it.
-    with checkpoint.claimed(key, identity, log=say) if dist.is_main else contextlib.nullcontext():
+    with checkpoint.claimed(key, identity, log=log) if dist.is_main else contextlib.nullcontext():
         if dist.is_main:  # once this run holds its own folder: however old, that one is resumed, not pruned
-            checkpoint.prune(log=say)
-        say(f"train: {len(data.train_images)} images ({len(data.val_images)} held out for validation), "
+            checkpoint.prune(log=log)
+        log(f"train: {len(data.train_images)} images ({len(data.val_images)} held out for validation), "
             f"LRMAX {lr_max:.4g} from {source}, LRMIN {lr_min:.4g}, {runtime.describe()}, "
             f"{dist.world_size} process(es)")
         # Live per-epoch metrics (dvclive/, apart from the final files below): rank 0 writes them after every epoch
         # (unless CIFAR_RESNET_LIVE=off: a run without DVC).
         live = LiveHistory() if dist.is_main and live_wanted() else None
         try:
-            result = train(params, data, mean, std, lr_max, lr_min, runtime, dist, run_key=key, log=say,
+            result = train(params, data, mean, std, lr_max, lr_min, runtime, dist, run_key=key, log=log,
                            on_epoch=live, started=started)
         except DivergedError:
             if dist.is_main:
@@ -76,11 +75,11 @@ def run(params, dist: Dist) -> None:
             if live is not None:
                 live.close()
         if dist.is_main:
-            write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min, source, started)
+            write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min, source, started, log)
             checkpoint.remove(key)
 
 
-def write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min, source, started) -> None:
+def write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min, source, started, log) -> None:
     """The weights and their summary, the history, the timing, and last the metrics (each file atomic)."""
     last = result.history[-1]
     metrics = {"lr_max": lr_max, "lr_min": lr_min, "lr_source": source, "epochs": params.train.epochs,

@@ -3,14 +3,14 @@
     HOLD_AFTER_EPOCH=1 HOLD_FIFO=/tmp/x/hold python tests/held_stage.py stages/train.py
 
 A tiny epoch takes a fraction of a second: "wait for the epoch-1 line, then kill" races the end of the run. Here
-`cifar_resnet.entry.log` (through which the stages print their lines; they import it when they run) is wrapped:
+`cifar_resnet.stage_door.log` (through which the stages print their lines; they import it when they run) is wrapped:
 after the line `epoch  N/E ...` with N = $HOLD_AFTER_EPOCH, it blocks reading one line from the FIFO $HOLD_FIFO
 until the test writes a line or closes its end, or signals or kills the process. The train loop saves epoch N's
 checkpoint before it logs that line, so a held run is mid-way with a checkpoint, whatever the speed of the CPU.
 
 A FIFO named in the environment rather than stdin: with train.nproc > 1 the stage relaunches its command line
 under torchrun, and the rank-0 worker that logs the epochs is a grandchild whose stdin is not the test's. For that
-relaunch `main()` sees sys.argv = [harness, stage, args...] (entry.run_stage is wrapped), so the workers run this
+relaunch `main()` sees sys.argv = [harness, stage, args...] (stage_door.run_stage is wrapped), so the workers run this
 harness too; the stage's own argument parser, and `__main__.__file__` (hence the checkpoint's code fingerprint),
 see a plain `python stage args...`. The other ranks log nothing and wait at the end-of-epoch barrier.
 """
@@ -72,10 +72,10 @@ def main() -> None:
     stage = str(Path(sys.argv[1]).absolute())
     harness_argv = [str(Path(__file__).absolute()), stage, *sys.argv[2:]]
     if os.environ.get("HOLD_AFTER_EPOCH"):
-        import cifar_resnet.entry as entry  # what the stage imports anyway: the code fingerprint is unchanged
+        import cifar_resnet.stage_door as stage_door  # what the stage imports anyway: the code fingerprint is unchanged
 
-        entry.log = holding(entry.log, int(os.environ["HOLD_AFTER_EPOCH"]), os.environ["HOLD_FIFO"])
-        entry.run_stage = with_command_line(entry.run_stage, harness_argv)
+        stage_door.log = holding(stage_door.log, int(os.environ["HOLD_AFTER_EPOCH"]), os.environ["HOLD_FIFO"])
+        stage_door.run_stage = with_command_line(stage_door.run_stage, harness_argv)
     sys.argv[:] = [stage, *sys.argv[2:]]
     sys.path[0] = str(Path(stage).parent)  # as for `python stage`: the stage's folder, not tests/
     runpy.run_path(stage, run_name="__main__")

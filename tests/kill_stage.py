@@ -70,20 +70,20 @@ def install(emit, stage: str) -> None:
 
     os.replace = watched_replace
     os.fsync = after(os.fsync, emit, "fsync")
-    import cifar_resnet.entry as entry  # imported by every stage anyway
+    import cifar_resnet.stage_door as stage_door  # imported by every stage anyway
 
-    log = entry.log
+    log = stage_door.log
 
     def watched_log(message, *args, **kwargs):
         log(message, *args, **kwargs)
         if EPOCH_LINE.match(str(message)):
             emit("epoch-end")
 
-    entry.log = watched_log
+    stage_door.log = watched_log
     if "range-test-iteration" in WRAPPED.get(stage, ()):
-        import cifar_resnet.lr_range_test as range_test
+        import cifar_resnet.lr_finder as lr_finder
 
-        range_test.train_step = after(range_test.train_step, emit, "range-test-iteration")
+        lr_finder.train_step = after(lr_finder.train_step, emit, "range-test-iteration")
     if "eval-batch" in WRAPPED.get(stage, ()):
         import cifar_resnet.evaluate as evaluate
 

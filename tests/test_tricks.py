@@ -25,7 +25,7 @@ from test_device_portability import tiny_data
 from test_train_stage import held  # noqa: F401  (the fixture: held train stages, killed at the test's end)
 from torch import nn
 
-import cifar_resnet.lr_range_test as range_module
+import cifar_resnet.lr_finder as range_module
 import cifar_resnet.model as model_module
 import cifar_resnet.train as train_module
 from cifar_resnet import checkpoint
@@ -34,7 +34,7 @@ from cifar_resnet.config import Params, evaluation_split, parse_params
 from cifar_resnet.ema import WeightEMA
 from cifar_resnet.evaluate import evaluate, translate, tta_logits
 from cifar_resnet.loader import EvalLoader, TrainLoader
-from cifar_resnet.lr_range_test import run_range_test
+from cifar_resnet.lr_finder import run_range_test
 from cifar_resnet.model import (
     Whitening,
     build_model,

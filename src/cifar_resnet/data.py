@@ -396,10 +396,14 @@ def load_cifar10(folder: str | Path, train_limit: int | None = None, test_limit:
                    test.images, test.labels, classes)
 
 
+def load_configured(folder: str | Path, data_params) -> Cifar10:
+    """Every split, with the subsets and the validation split that `data_params` (params.yaml's `data`) set."""
+    return load_cifar10(folder, data_params.train_limit, data_params.test_limit, data_params.val_size)
+
+
 def load_split(folder: str | Path, split: str, data_params) -> Cifar10Test:
     """The images, labels and class names of one evaluation split ("val" or "test") as `data_params` define it."""
-    d = data_params
     if split == "test":
-        return load_test_split(folder, d.test_limit)
-    whole = load_cifar10(folder, d.train_limit, d.test_limit, d.val_size)
+        return load_test_split(folder, data_params.test_limit)
+    whole = load_configured(folder, data_params)
     return Cifar10Test(whole.val_images, whole.val_labels, whole.classes)

@@ -1,4 +1,7 @@
-"""The one training step and the optimizer: used by the training loop, the LR range test and `make bench`.
+"""One run setup and the one training step: used by the training loop, the LR range test and `make bench`.
+
+`setup_run` makes what every run starts from (the seeded model with its whitening fitted, on the device; the
+training loader; the optimizer and the gradient scaler), so that the three runs start alike.
 
 A step sets the LR, runs the forward pass under the runtime's autocast, takes the cross-entropy of the float32
 logits, and applies SGD through a gradient scaler (active only in fp16, where small gradients would underflow;
@@ -7,10 +10,43 @@ a no-op otherwise). A `DivergenceWatch` may ride along: it notes a bad loss on t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from cifar_resnet.errors import DivergedError
+from cifar_resnet.errors import DivergedError, ParamsError
+from cifar_resnet.loader import TrainLoader
+from cifar_resnet.model import build_model, fit_whitening
+
+
+@dataclass
+class RunSetup:
+    """What a training run starts from."""
+
+    model: torch.nn.Module  # on the runtime's device and in its memory format
+    optimizer: torch.optim.SGD
+    scaler: torch.amp.GradScaler
+    loader: TrainLoader  # this rank's share of every global batch; never empty
+
+
+def setup_run(params, data, mean, std, runtime, rank: int = 0, world_size: int = 1) -> RunSetup:
+    """The model drawn from `params.seed` with its whitening fitted on `data`'s training split, moved to the
+    runtime's device; the training loader of rank `rank` of `world_size`; SGD and the gradient scaler. A batch size
+    above the training images (an empty loader) is a ParamsError naming train.batch_size."""
+    torch.manual_seed(params.seed)
+    with torch.device("cpu"):  # weights drawn on the host from the seed: the same start on every device
+        model = build_model(params.model)
+        fit_whitening(model, data.train_images, mean, std)
+    model = model.to(runtime.device, memory_format=runtime.memory_format)
+    batch_size = params.train.batch_size
+    loader = TrainLoader(data.train_images, data.train_labels, batch_size, mean, std, runtime.device,
+                         aug=params.augment, seed=params.seed, rank=rank, world_size=world_size,
+                         memory_format=runtime.memory_format)
+    if len(loader) == 0:
+        raise ParamsError(f"train.batch_size: {batch_size} is more than the {len(data.train_images)} "
+                          "training images; lower it or raise data.train_limit")
+    return RunSetup(model, make_optimizer(model, params.train), make_scaler(runtime), loader)
 
 
 def make_optimizer(model: torch.nn.Module, train_params) -> torch.optim.SGD:
@@ -19,19 +55,18 @@ def make_optimizer(model: torch.nn.Module, train_params) -> torch.optim.SGD:
     `bn_bias_lr_factor` times faster with that much less weight decay (Page). On CUDA the fused kernel: one launch
     for all parameters, and with fp16 it reads the scaler's inf flag on the device (foreach SGD would copy it to the
     host every step)."""
-    tp = train_params
     groups = [{"params": list(model.parameters()), "lr_scale": 1.0}]
-    if tp.frozen_bn_scales:
+    if train_params.frozen_bn_scales:
         bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         for bn in bns:
             bn.weight.requires_grad_(False)
         special = {id(p) for bn in bns for p in (bn.weight, bn.bias)}
         groups = [{"params": [p for p in model.parameters() if id(p) not in special], "lr_scale": 1.0},
-                  {"params": [bn.bias for bn in bns], "lr_scale": tp.bn_bias_lr_factor,
-                   "weight_decay": tp.weight_decay / tp.bn_bias_lr_factor}]
+                  {"params": [bn.bias for bn in bns], "lr_scale": train_params.bn_bias_lr_factor,
+                   "weight_decay": train_params.weight_decay / train_params.bn_bias_lr_factor}]
     on_cuda = next(model.parameters()).device.type == "cuda"
-    return torch.optim.SGD(groups, lr=0.0, momentum=tp.momentum, nesterov=tp.nesterov, weight_decay=tp.weight_decay,
-                           fused=True if on_cuda else None)
+    return torch.optim.SGD(groups, lr=0.0, momentum=train_params.momentum, nesterov=train_params.nesterov,
+                           weight_decay=train_params.weight_decay, fused=True if on_cuda else None)
 
 
 def make_scaler(runtime) -> torch.amp.GradScaler:

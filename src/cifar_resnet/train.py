@@ -15,14 +15,12 @@ import torch
 from cifar_resnet import checkpoint
 from cifar_resnet.config import held_out_split
 from cifar_resnet.distributed import Dist
-from cifar_resnet.errors import ParamsError
 from cifar_resnet.evaluate import evaluate
 from cifar_resnet.loader import EvalLoader, TrainLoader
 from cifar_resnet.ema import WeightEMA
-from cifar_resnet.model import build_model, fit_whitening
 from cifar_resnet.runtime import Runtime
 from cifar_resnet.schedule import OneCycle
-from cifar_resnet.step import DivergenceWatch, make_optimizer, make_scaler, train_step
+from cifar_resnet.step import DivergenceWatch, setup_run, train_step
 
 
 @dataclass
@@ -36,7 +34,7 @@ class TrainResult:
 
 
 @dataclass
-class _Run:
+class TrainingRun:
     """Everything one epoch needs."""
 
     model: torch.nn.Module  # the bare model: evaluated and saved
@@ -49,7 +47,7 @@ class _Run:
     runtime: Runtime
     dist: Dist
     ema: WeightEMA | None
-    tp: object  # the train params: label smoothing, cycled momentum
+    train_params: object  # label smoothing, cycled momentum
 
 
 def train(params, data, mean, std, lr_max: float, lr_min: float, runtime: Runtime, dist: Dist = Dist(),
@@ -59,35 +57,26 @@ def train(params, data, mean, std, lr_max: float, lr_min: float, runtime: Runtim
     which the run (the stage) started, else now; a checkpoint carries the wall time since then, and the earlier
     processes' before that."""
     started = time.perf_counter() if started is None else started
-    tp = params.train
-    torch.manual_seed(params.seed)
-    with torch.device("cpu"):  # weights drawn on the host from the seed: the same start on every device
-        model = build_model(params.model)
-        fit_whitening(model, data.train_images, mean, std)
-    model = model.to(runtime.device, memory_format=runtime.memory_format)
-    loader = TrainLoader(data.train_images, data.train_labels, tp.batch_size, mean, std, runtime.device,
-                         aug=params.augment, seed=params.seed, rank=dist.rank, world_size=dist.world_size,
-                         memory_format=runtime.memory_format)
-    if len(loader) == 0:
-        raise ParamsError(f"train.batch_size: {tp.batch_size} is more than the {len(data.train_images)} "
-                          "training images; lower it or raise data.train_limit")
-    schedule = OneCycle.for_run(lr_min, lr_max, tp.epochs, tp.peak_epoch, len(loader))
-    watch = DivergenceWatch(runtime.device, max_loss=tp.max_loss, lr_of=schedule, steps_per_epoch=len(loader),
+    train_params = params.train
+    setup = setup_run(params, data, mean, std, runtime, rank=dist.rank, world_size=dist.world_size)
+    model, loader = setup.model, setup.loader
+    schedule = OneCycle.for_run(lr_min, lr_max, train_params.epochs, train_params.peak_epoch, len(loader))
+    watch = DivergenceWatch(runtime.device, max_loss=train_params.max_loss, lr_of=schedule, steps_per_epoch=len(loader),
                             world_size=dist.world_size)
-    ema = WeightEMA(model, tp.ema_decay, tp.ema_every) if tp.ema_decay else None
-    run = _Run(model, model, make_optimizer(model, tp), make_scaler(runtime), loader, schedule, watch, runtime, dist,
-               ema, tp)
+    ema = WeightEMA(model, train_params.ema_decay, train_params.ema_every) if train_params.ema_decay else None
+    run = TrainingRun(model, model, setup.optimizer, setup.scaler, loader, schedule, watch, runtime, dist, ema,
+                      train_params)
     result = TrainResult(model)
     start_epoch = _resume(run, result, run_key, log) if run_key is not None else 1
-    run.net = _parallel(model, tp, runtime, dist)
+    run.net = _parallel(model, train_params, runtime, dist)
     eval_loaders = _eval_loaders(params, data, mean, std, runtime) if dist.is_main else {}
     result.model = copy.deepcopy(model) if ema else model  # what is evaluated and saved: the EMA when on
-    for epoch in range(start_epoch, tp.epochs + 1):
+    for epoch in range(start_epoch, train_params.epochs + 1):
         t0 = time.perf_counter()
-        row, seen = _train_epoch(run, epoch, tp.epochs)
+        row, seen = _train_epoch(run, epoch, train_params.epochs)
         if ema:
             ema.copy_to(result.model)
-        if epoch % tp.eval_every == 0 or epoch == tp.epochs:
+        if epoch % train_params.eval_every == 0 or epoch == train_params.epochs:
             for split, eval_loader in eval_loaders.items():
                 loss, acc, _ = evaluate(result.model, eval_loader, runtime)
                 row[f"{split}_loss"], row[f"{split}_acc"] = round(loss, 6), round(acc, 6)
@@ -96,16 +85,16 @@ def train(params, data, mean, std, lr_max: float, lr_min: float, runtime: Runtim
         result.epoch_seconds.append(round(seconds, 2))
         if dist.is_main:
             # Saved before the epoch is reported: a reported epoch is never lost.
-            if run_key is not None and epoch % tp.checkpoint_every == 0 and epoch < tp.epochs:
+            if run_key is not None and epoch % train_params.checkpoint_every == 0 and epoch < train_params.epochs:
                 so_far = result.seconds_before + time.perf_counter() - started
                 checkpoint.save(run_key, _state(run, epoch, result, so_far))
             if on_epoch is not None:
                 on_epoch(result.history)
-            log(_epoch_line(row, tp.epochs, seconds, seen * dist.world_size / seconds))
+            log(_epoch_line(row, train_params.epochs, seconds, seen * dist.world_size / seconds))
         if dist.world_size > 1:
             torch.distributed.barrier()
     if result.epoch_seconds:
-        trained = len(loader) * tp.batch_size * len(result.epoch_seconds)
+        trained = len(loader) * train_params.batch_size * len(result.epoch_seconds)
         result.images_per_second = round(trained / sum(result.epoch_seconds), 1)
     return result
 
@@ -125,7 +114,7 @@ def _eval_loaders(params, data, mean, std, runtime) -> dict[str, EvalLoader]:
                               memory_format=runtime.memory_format)}
 
 
-def _resume(run: _Run, result: TrainResult, run_key: str, log) -> int:
+def _resume(run: TrainingRun, result: TrainResult, run_key: str, log) -> int:
     """Load the checkpoint of `run_key` if there is one; return the first epoch still to train. Only rank 0 reads
     it and every rank gets rank 0's: ranks on other nodes may not see the same cache folder, and a rank that started
     afresh while the others resumed would train a different model (DDP syncs parameters only when it is built)."""
@@ -150,27 +139,27 @@ def _resume(run: _Run, result: TrainResult, run_key: str, log) -> int:
     return result.resumed_from
 
 
-def _state(run: _Run, epoch: int, result: TrainResult, seconds: float) -> dict:
+def _state(run: TrainingRun, epoch: int, result: TrainResult, seconds: float) -> dict:
     """What a resumed run needs; `seconds`: the run's wall time so far, every process of it counted."""
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "epoch": epoch, "history": result.history,
             "epoch_seconds": result.epoch_seconds, "seconds": seconds, "ema": run.ema.state if run.ema else None}
 
 
-def _parallel(model, tp, runtime: Runtime, dist: Dist):
+def _parallel(model, train_params, runtime: Runtime, dist: Dist):
     """The model as it trains: DDP across processes (SyncBatchNorm if asked), compiled if asked."""
     net = model
     if dist.world_size > 1:
-        if tp.sync_bn:
+        if train_params.sync_bn:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    if tp.compile:
+    if train_params.compile:
         net = torch.compile(net)
     return net
 
 
-def _train_epoch(run: _Run, epoch: int, epochs: int) -> tuple[dict, int]:
+def _train_epoch(run: TrainingRun, epoch: int, epochs: int) -> tuple[dict, int]:
     """Train one epoch; return its history row (LR at its end, mean training loss and accuracy) and the images
     this process saw. The step losses stay on the device until the epoch ends: no host sync per step, and the
     float64 totals are made on the host (MPS has no float64)."""
@@ -181,9 +170,9 @@ def _train_epoch(run: _Run, epoch: int, epochs: int) -> tuple[dict, int]:
     bar = _progress(total=steps, desc=f"epoch {epoch}/{epochs}", disable=not run.dist.is_main)
     for i, (x, y) in enumerate(run.loader.epoch(epoch)):
         step = (epoch - 1) * steps + i
+        momentum = run.schedule.momentum(step) if run.train_params.cycle_momentum else None
         loss, logits = train_step(run.net, run.optimizer, run.scaler, run.runtime, x, y, run.schedule(step),
-                                  run.watch, step, momentum=run.schedule.momentum(step) if run.tp.cycle_momentum
-                                  else None, label_smoothing=run.tp.label_smoothing)
+                                  run.watch, step, momentum=momentum, label_smoothing=run.train_params.label_smoothing)
         if run.ema is not None:
             run.ema.update(run.model, step)
         losses.append(loss)

@@ -52,5 +52,10 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def quiet(_message: str) -> None:
+def silent(_message: str) -> None:
     """The logger of a process that is not rank 0: one process speaks for the job."""
+
+
+def rank_log(is_main: bool):
+    """The logger of this process: `log` for the one that speaks for the job (rank 0), `silent` for the others."""
+    return log if is_main else silent

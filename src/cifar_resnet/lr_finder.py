@@ -28,9 +28,7 @@ import torch
 from tqdm import tqdm
 
 from cifar_resnet.errors import CifarResnetError
-from cifar_resnet.loader import TrainLoader
-from cifar_resnet.model import build_model, fit_whitening
-from cifar_resnet.step import make_optimizer, make_scaler, train_step
+from cifar_resnet.step import setup_run, train_step
 
 # 25 % above the lowest smoothed loss so far: the valley's ragged bumps reached +19 % on the 21 curves measured, the
 # rise after it passes +33 % on every one (2.2-3.8 over a floor of 1.62-1.72)
@@ -97,24 +95,15 @@ def run_range_test(params, data, mean, std, runtime, log=print, progress: bool =
     """Train a fresh model with an exponentially growing LR; pick LRMAX from the loss curve (or say why there is no
     pick: `pick_result`)."""
     test, train_params = params.lr_range_test, params.train
-    torch.manual_seed(params.seed)
-    with torch.device("cpu"):  # as in training: weights drawn on the host, whitening fitted on the training split
-        model = build_model(params.model)
-        fit_whitening(model, data.train_images, mean, std)
-    model = model.to(runtime.device, memory_format=runtime.memory_format).train()
-    optimizer, scaler = make_optimizer(model, train_params), make_scaler(runtime)
-    loader = TrainLoader(data.train_images, data.train_labels, train_params.batch_size, mean, std, runtime.device,
-                         aug=params.augment, seed=params.seed, memory_format=runtime.memory_format)
-    if len(loader) == 0:
-        raise RangeTestError(f"lr_range_test: train.batch_size {train_params.batch_size} exceeds the "
-                             f"{len(data.train_images)} training images")
+    run = setup_run(params, data, mean, std, runtime)  # as in training: the same model, loader and optimizer
+    model = run.model.train()
     lrs, losses, stopped, epoch = [], [], None, 0
     bar = tqdm(total=test.num_iter, desc="lr range test", leave=False, disable=not progress)
     while stopped is None:
         epoch += 1
-        for x, y in loader.epoch(epoch):
+        for x, y in run.loader.epoch(epoch):
             lr = lr_at(len(losses), test.start_lr, test.end_lr, test.num_iter)
-            loss, _ = train_step(model, optimizer, scaler, runtime, x, y, lr,
+            loss, _ = train_step(model, run.optimizer, run.scaler, runtime, x, y, lr,
                                  label_smoothing=train_params.label_smoothing)
             value = loss.item()  # the curve is read on the host anyway: one sync per step is the test's nature
             stopped = why_stop(losses, value, test)

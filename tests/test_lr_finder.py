@@ -8,8 +8,9 @@ import torch
 
 from cifar_resnet.config import LrRangeTestParams, parse_params
 from cifar_resnet.data import Cifar10
-import cifar_resnet.lr_range_test as lr_range_test
-from cifar_resnet.lr_range_test import (RISE, RULE, RangeTestError, climb_index, climbed, lr_at, pick_lr_max,
+from cifar_resnet.errors import ParamsError
+import cifar_resnet.lr_finder as lr_finder
+from cifar_resnet.lr_finder import (RISE, RULE, RangeTestError, climb_index, climbed, lr_at, pick_lr_max,
                                         pick_result, run_range_test, smooth)
 from cifar_resnet.runtime import pick_runtime
 
@@ -196,12 +197,18 @@ def test_run_range_test_on_a_tiny_dataset():
     assert len(messages) == 1 and "climbed above 1.25 x its lowest so far (" in messages[0]
 
 
-def test_run_range_test_batch_larger_than_the_data():
+def test_a_batch_larger_than_the_data_is_the_same_params_error_in_the_range_test_and_in_training():
+    """Both runs start from step.setup_run: one error, naming the key to change."""
+    from cifar_resnet.train import train
+
     params = tiny_params()
     data = tiny_data(n=100)
-    with pytest.raises(RangeTestError, match="exceeds"):
-        run_range_test(params, data, *data.mean_std(), pick_runtime(params.train), log=lambda s: None,
-                       progress=False)
+    runtime = pick_runtime(params.train)
+    expected = r"^train\.batch_size: 128 is more than the 100 training images; lower it or raise data\.train_limit$"
+    with pytest.raises(ParamsError, match=expected):
+        run_range_test(params, data, *data.mean_std(), runtime, log=lambda s: None, progress=False)
+    with pytest.raises(ParamsError, match=expected):
+        train(params, data, *data.mean_std(), 0.1, 0.001, runtime, log=lambda s: None)
 
 
 def test_run_range_test_diverging_at_once_has_no_pick():
@@ -228,7 +235,7 @@ FALLING = [2.3 - 0.02 * i for i in range(25)]
 ])
 def test_the_json_says_why_the_sweep_stopped(monkeypatch, losses, stopped, iterations):
     feed = iter(losses)
-    monkeypatch.setattr(lr_range_test, "train_step", lambda *_a, **_k: (torch.tensor(next(feed)), None))
+    monkeypatch.setattr(lr_finder, "train_step", lambda *_a, **_k: (torch.tensor(next(feed)), None))
     params = tiny_params()  # num_iter 25
     data = tiny_data(n=256)
     result = run_range_test(params, data, *data.mean_std(), pick_runtime(params.train), log=lambda _: None,
