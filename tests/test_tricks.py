@@ -619,7 +619,7 @@ def test_every_stage_passes_with_every_knob_on(trained):
         assert (ws / rel).is_file() and (ws / rel).stat().st_size, rel
     train = json.loads((ws / "metrics/train.json").read_text())
     assert train["lr_source"] == "lr_range_test" and train["epochs"] == STAGE_EPOCHS
-    assert math.isfinite(train["val_loss"]) and math.isfinite(train["test_loss"])
+    assert math.isfinite(train["val_loss"]) and "test_loss" not in train  # choosing on val: no test number
     # evaluate.split val: the validation numbers under val_* keys, and no test number where they stand.
     evaluated = json.loads((ws / "metrics/evaluate.json").read_text())
     assert evaluated["split"] == "val" and evaluated["num_images"] == 64 and evaluated["tta"] == "flip+translate"

@@ -51,10 +51,11 @@ from pathlib import Path
 import pandas as pd
 
 from cifar_resnet.config import read_yaml
-from cifar_resnet.entry import run_command
+from cifar_resnet.stage_door import run_command
 from cifar_resnet.lab.ablation_table import (COLUMNS, RUNNER, RUNS, TABLE, TTAS, AblationError, join_sets,
                                              parse_sets, read_rows, refuse_existing, refuse_name, write_rows)
-from cifar_resnet.lab.command import one_line, say
+from cifar_resnet.lab.command import one_line
+from cifar_resnet.stage_door import log
 from cifar_resnet.lab.dvc_graph import StaleRun, current_code, dvc_yaml_graph, row_targets
 from cifar_resnet.lab.dvc_runs import (Config, check_tracked, exp_ref, git_reader, head, read_run, ref_exists,
                                        run_experiment)
@@ -122,7 +123,7 @@ def experiment(name: str, overrides: list[str], wanted: Config, targets: list[st
             raise AblationError(f"experiment {name} exists with other params or code ({', '.join(diff)}): remove it "
                                 f"(`dvc exp remove {name}`) or choose another row name")
         refuse_test_numbers(ref, name)
-        say(f"{name}: already run with these params and code, not run again")
+        log(f"{name}: already run with these params and code, not run again")
         return run.row
     ref = run_experiment(name, name, overrides, targets, baseline)
     run = read_run(git_reader(ref), f"experiment {name}", make=make_numbers)
@@ -162,7 +163,7 @@ def resolve_sets(rows: pd.DataFrame, sets: list[str], on: str | None) -> list[st
         return cumulative_sets([], sets)
     if on == BEST:
         on = best_row(rows)
-        say(f"--on {BEST}: row {on}")
+        log(f"--on {BEST}: row {on}")
     earlier = rows[rows["row"] == on]
     if earlier.empty:
         raise AblationError(f"--on {on}: no such row in {RUNS}")
@@ -197,7 +198,7 @@ def run_row(row: str, sets: list[str], seed: int = 0, val_size: int = VAL_SIZE, 
     rows = read_rows()  # again: another command may have added a row meanwhile
     refuse_existing(rows, row, sets, seed, val_size, code_hash)
     write_rows(pd.DataFrame(rows.to_dict("records") + [new], columns=COLUMNS))
-    say(f"row {row}: validation accuracy " + ", ".join(f"{numbers[t]['val_accuracy']:.4f} ({t})" for t in TTAS)
+    log(f"row {row}: validation accuracy " + ", ".join(f"{numbers[t]['val_accuracy']:.4f} ({t})" for t in TTAS)
         + f"; train {base['train_seconds']:.0f} s on {base['hardware']}; in {RUNS} and {TABLE}")
     return new
 

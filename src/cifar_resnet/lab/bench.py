@@ -43,40 +43,37 @@ def _setup(precision_override: str | None = None):
     from cifar_resnet.runtime import pick_runtime, synchronize
 
     params = load_params()
-    tp = params.train
+    train_params = params.train
     if precision_override:
         from dataclasses import replace
 
-        tp = replace(tp, precision=precision_override, channels_last=False)
-    runtime = pick_runtime(tp)
+        train_params = replace(train_params, precision=precision_override, channels_last=False)
+    runtime = pick_runtime(train_params)
     return params, runtime, lambda: synchronize(runtime.device)
 
 
 def _pipeline_step(steps: int):
     """The train stage's own step on random data (timing does not depend on the pixels)."""
+    from types import SimpleNamespace
+
     import torch
 
-    from cifar_resnet.loader import TrainLoader
-    from cifar_resnet.model import build_model
-    from cifar_resnet.step import DivergenceWatch, make_optimizer, make_scaler, train_step
+    from cifar_resnet.step import DivergenceWatch, setup_run, train_step
 
     params, runtime, sync = _setup()
-    bs = params.train.batch_size
-    n = bs * (WARMUP + steps)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
-    labels = torch.randint(0, 10, (n,))
+    n = params.train.batch_size * (WARMUP + steps)
+    data = SimpleNamespace(train_images=torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8),
+                           train_labels=torch.randint(0, 10, (n,)))
     mean, std = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
-    loader = TrainLoader(images, labels, bs, mean, std, runtime.device, aug=params.augment, seed=0,
-                         memory_format=runtime.memory_format)
-    model = build_model(params.model).to(runtime.device, memory_format=runtime.memory_format).train()
-    optimizer, scaler = make_optimizer(model, params.train), make_scaler(runtime)
+    run = setup_run(params, data, mean, std, runtime)  # the train stage's own set-up
+    run.model.train()
     watch = DivergenceWatch(runtime.device, max_loss=params.train.max_loss, lr_of=lambda _step: 0.1,
-                            steps_per_epoch=len(loader))
-    batches = enumerate(loader.epoch(1))
+                            steps_per_epoch=len(run.loader))
+    batches = enumerate(run.loader.epoch(1))
 
     def step():
         i, (x, y) = next(batches)
-        train_step(model, optimizer, scaler, runtime, x, y, lr=0.1, watch=watch, step=i)
+        train_step(run.model, run.optimizer, run.scaler, runtime, x, y, lr=0.1, watch=watch, step=i)
 
     return step, params, runtime, sync
 

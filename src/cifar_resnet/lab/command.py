@@ -1,4 +1,4 @@
-"""What the lab's long commands share at their door: their error, their voice, and one line for any failure."""
+"""What the lab's long commands share at their door: their error and one line for any failure."""
 
 from __future__ import annotations
 
@@ -10,10 +10,6 @@ from cifar_resnet.errors import CifarResnetError
 
 class LabError(CifarResnetError):
     """A lab command cannot go on: bad arguments, another configuration than asked, a failed or stale run."""
-
-
-def say(message: str) -> None:
-    print(message, flush=True)
 
 
 def one_line(work):

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cifar_resnet.config import read_yaml
-from cifar_resnet.lab.command import LabError, say
+from cifar_resnet.lab.command import LabError
+from cifar_resnet.stage_door import log
 from cifar_resnet.lab.dvc_graph import ROW_FILES, StaleRun, code_hash, row_stages, source_files
 from cifar_resnet.lab.params import flatten
 
@@ -152,7 +153,7 @@ def run_experiment(what: str, name: str, overrides: list[str], targets: list[str
     """`dvc exp run --temp -n NAME -S ... TARGETS` in the foreground (its output is DVC's and the stages' own);
     returns the experiment's git ref. `what` starts every line said about it."""
     args = ["exp", "run", "--temp", "-n", name, *[a for o in overrides for a in ("-S", o)], *targets]
-    say(f"{what}: running dvc {' '.join(args)}")
+    log(f"{what}: running dvc {' '.join(args)}")
     process = subprocess.Popen([sys.executable, "-m", "dvc", *args])
     try:
         code = process.wait()

@@ -31,7 +31,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from cifar_resnet.lab.command import say
+from cifar_resnet.stage_door import log
 
 REPO = Path(__file__).resolve().parents[3]  # src/cifar_resnet/lab/gpu_check.py -> the checkout (tests/ lives there)
 PORTABILITY_TESTS = REPO / "tests" / "test_device_portability.py"
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
     if missing:
-        say(f"gpu-check: error: {sys.executable} lacks {', '.join(missing)}: install them (or run with a python "
+        log(f"gpu-check: error: {sys.executable} lacks {', '.join(missing)}: install them (or run with a python "
             "that has them: make gpu-check PYTHON=/path/to/python)")
         return 1
     with tempfile.TemporaryDirectory(prefix="cifar_resnet_gpu_check_") as scratch:
@@ -91,7 +91,7 @@ def _check(args, scratch: Path) -> int:
         params = _timing_params(args.params)
         runtime = _runtime(params)
     except CifarResnetError as exc:
-        say(f"gpu-check: error: {exc}")
+        log(f"gpu-check: error: {exc}")
         return 1
     device = runtime.device.type
     gpu_found = device != "cpu"
@@ -101,9 +101,9 @@ def _check(args, scratch: Path) -> int:
             plan[name] = getattr(args, name)
     names = accelerator_names(runtime.device) if gpu_found else [cpu_model()]
     if gpu_found:
-        say(f"gpu-check: {device} found: {', '.join(names)}; torch {torch.__version__}")
+        log(f"gpu-check: {device} found: {', '.join(names)}; torch {torch.__version__}")
     else:
-        say("gpu-check: no GPU found (torch sees no CUDA device and no MPS): running the CPU part only: the "
+        log("gpu-check: no GPU found (torch sees no CUDA device and no MPS): running the CPU part only: the "
             f"portability tests on the CPU and a short timing ({plan['epochs']} epoch(s) of {plan['train_images']} "
             "images; the 24-epoch full-size run needs a GPU)"
             + ("; the bench is skipped (--bench-steps N runs it)" if not plan["bench_steps"] else ""))
@@ -116,7 +116,7 @@ def _check(args, scratch: Path) -> int:
     try:
         timing.update(_timing_run(params, runtime, plan, scratch))
     except CifarResnetError as exc:
-        say(f"gpu-check: the timing run failed: {exc}")
+        log(f"gpu-check: the timing run failed: {exc}")
         timing["timing"] = f"failed: {exc}"
         failed.append("timing run")
     bench = None
@@ -134,7 +134,7 @@ def _check(args, scratch: Path) -> int:
         "portability_tests": portability, **timing, "bench": bench, "failed": failed, "notes": notes,
     }
     if failed:
-        say(f"gpu-check: FAILED: {', '.join(failed)}")
+        log(f"gpu-check: FAILED: {', '.join(failed)}")
     print(json.dumps(result), flush=True)
     return 1 if failed else 0
 
@@ -172,12 +172,12 @@ def _portability_tests(device: str, skip: bool) -> str:
     if skip:
         return "skipped (--no-portability-tests)"
     if not PORTABILITY_TESTS.is_file():
-        say(f"gpu-check: {PORTABILITY_TESTS} not found (run from a checkout of the repository): tests skipped")
+        log(f"gpu-check: {PORTABILITY_TESTS} not found (run from a checkout of the repository): tests skipped")
         return "skipped (no tests/ folder)"
     if importlib.util.find_spec("pytest") is None:
-        say("gpu-check: pytest is not installed: the portability tests cannot run")
+        log("gpu-check: pytest is not installed: the portability tests cannot run")
         return "failed"
-    say(f"\n== 1. device-portability tests on {device} ==")
+    log(f"\n== 1. device-portability tests on {device} ==")
     env = dict(os.environ, CIFAR_RESNET_TEST_DEVICE=device, NO_ALBUMENTATIONS_UPDATE="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "pytest", str(PORTABILITY_TESTS), "-q", "-p", "no:cacheprovider"]
@@ -200,7 +200,7 @@ def _timing_run(params, runtime, plan: dict, scratch: Path) -> dict:
     params = replace(params, train=replace(tp, epochs=epochs, peak_epoch=peak, batch_size=batch_size))
     data, described, real = timing_data(plan["train_images"], plan["test_images"], params.seed)
     full = plan["train_images"] == FULL["train_images"] and epochs == FULL["epochs"]
-    say(f"\n== 2. timing: {epochs} epoch(s) of {len(data.train_images)} images ({described}), "
+    log(f"\n== 2. timing: {epochs} epoch(s) of {len(data.train_images)} images ({described}), "
         f"{'full size' if full else 'SHORT, not the full-size run'}; {runtime.describe()} ==")
     mean, std = data.mean_std()
     lr_min = LR_MAX * params.lr_min_factor
@@ -209,7 +209,7 @@ def _timing_run(params, runtime, plan: dict, scratch: Path) -> dict:
     started = time.perf_counter()
     try:
         result = train_module.train(params, data, mean, std, LR_MAX, lr_min, runtime, run_key=RUN_KEY,
-                                    log=lambda line: say(f"  {line}"))
+                                    log=lambda line: log(f"  {line}"))
     finally:
         checkpoint.remove(RUN_KEY)
         if previous is None:
@@ -236,21 +236,21 @@ def run_bench(steps: int, notes: list[str]) -> dict:
     """The bench's parts, each in its own process as `make bench` runs them; `reference` only with albumentations."""
     from cifar_resnet.lab import bench
 
-    say(f"\n== 3. bench ({steps} timed steps per part) ==")
+    log(f"\n== 3. bench ({steps} timed steps per part) ==")
     parts = ["step", "floor", "reference", "matmul"]
     if not all(importlib.util.find_spec(m) for m in ("albumentations", "cv2")):
         parts.remove("reference")
         notes.append("bench reference part skipped: it needs albumentations (and OpenCV)")
     raw = {}
     for part in parts:
-        say(f"  measuring {part} ...")
+        log(f"  measuring {part} ...")
         try:
             raw.update(bench.run_part(part, steps, default_allocator=part == "reference"))
         except SystemExit as exc:  # the bench's own way of saying that a part failed, with its stderr
-            say(str(exc))
+            log(str(exc))
             return {"error": f"bench part {part} failed", **raw}
     out = {**bench.summarise(raw), "steps": steps}
-    say(f"  {json.dumps(out)}")
+    log(f"  {json.dumps(out)}")
     return out
 
 

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from cifar_resnet.entry import run_command
-from cifar_resnet.lab.command import one_line, say
+from cifar_resnet.stage_door import run_command
+from cifar_resnet.lab.command import one_line
+from cifar_resnet.stage_door import log
 from cifar_resnet.lab.dvc_graph import ROW_FILES, StaleRun, code_hash, current_code, dvc_yaml_graph, row_targets
 from cifar_resnet.lab.dvc_runs import (Config, Run, check_tracked, exp_ref, git, git_reader, hardware_of, head,
                                        load_file, read_run, ref_exists, run_experiment, workspace_reader)
@@ -90,14 +91,14 @@ def workspace_run(config: Config, seeds: list[int]) -> Run | None:
     try:
         run = read_run(workspace_reader, source, make_row)
     except StaleRun as exc:
-        say(f"the workspace's run is not reused: {exc}")
+        log(f"the workspace's run is not reused: {exc}")
         return None
     if run.params.get("seed") not in seeds:
         return None
     try:
         refuse_other(as_config(run), config, f"the {source}", "the study")
     except StudyError as exc:
-        say(f"the workspace's run (seed {run.params['seed']}) is not reused: {exc}")
+        log(f"the workspace's run (seed {run.params['seed']}) is not reused: {exc}")
         return None
     return run
 
@@ -143,7 +144,7 @@ def run_study(name: str, seeds: list[int], overrides: list[str], reuse_workspace
     done = sorted(set(int(s) for s in rows["seed"]) & set(seeds))
     todo = [s for s in seeds if s not in done]
     if done:
-        say(f"study {name}: seed(s) {_list(done)} already done, not run again")
+        log(f"study {name}: seed(s) {_list(done)} already done, not run again")
     if todo:
         rows = run_seeds(name, folder, config, rows, todo, overrides, row_targets(graph), reuse_workspace)
     if len(rows):
@@ -167,7 +168,7 @@ def run_seeds(name, folder, config, rows, todo, overrides, targets, reuse_worksp
         rows = pd.DataFrame(rows.to_dict("records") + [run.row], columns=COLUMNS)
         write_study(folder, name, config, rows)
         column = headline(run.row["test_accuracy"] is not None)
-        say(f"seed {seed}: {SPLIT_NAMES[column]} accuracy {run.row[column]:.4f} (from {how}); "
+        log(f"seed {seed}: {SPLIT_NAMES[column]} accuracy {run.row[column]:.4f} (from {how}); "
             f"{len(rows)} seed(s) in {folder}")
     return rows
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cifar_resnet.lab.command import say
+from cifar_resnet.stage_door import log
 
 
 def timing_data(n_train: int, n_test: int, seed: int):
@@ -31,7 +31,7 @@ def data_folder() -> Path | None:
                 any((folder / name).is_file() for name in TRAIN_FILES):
             return folder
     if os.environ.get(MIRROR_ENV):
-        say(f"gpu-check: {MIRROR_ENV}={os.environ[MIRROR_ENV]} holds no CIFAR-10 batches (batches.meta, test_batch "
+        log(f"gpu-check: {MIRROR_ENV}={os.environ[MIRROR_ENV]} holds no CIFAR-10 batches (batches.meta, test_batch "
             "and a data_batch_N): synthetic images are used")
     return None
 
