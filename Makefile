@@ -1,4 +1,5 @@
-# Two commands: `make repro` (the pipeline) and `make test` (the whole suite, as CI runs it).
+# Two commands: `make repro` (the pipeline) and `make test` (the whole suite, as CI runs it); `make test-fast`, the
+# unit tests.
 # Both create .venv at the repo root when missing and install the pinned dependencies.
 VENV := .venv
 PYTHON ?= python3
@@ -7,7 +8,7 @@ export PYTHONPATH := $(abspath src)
 export DVC_NO_ANALYTICS := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: repro test bench install plots clean-checkpoints study pull gpu-check ablation tricks tricks-study
+.PHONY: repro test test-fast bench install plots clean-checkpoints study pull gpu-check ablation tricks tricks-study
 
 # The package is installed editable (no dependencies: requirements.txt pins them), so `python -m cifar_resnet.model`
 # works in the activated .venv; stage commands still put their own tree's src/ first (PYTHONPATH=src).
@@ -32,6 +33,11 @@ repro: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	python -m pytest
+
+# The unit tests only: no stage, DVC, make, lab tool or training process (those are marked slow; tests/conftest.py
+# fails a test that starts one without the mark).
+test-fast: $(VENV)/.installed
+	python -m pytest -m "not slow"
 
 bench: $(VENV)/.installed
 	python -m cifar_resnet.lab.bench

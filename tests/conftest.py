@@ -203,3 +203,66 @@ def copy_repo(path: Path, env: dict, cls=Repo) -> Repo:
     repo.run("git", "add", "-A")
     repo.run("git", "commit", "-qm", "copy")
     return repo
+
+
+@pytest.fixture
+def held():
+    """Start held train stages; whatever a test leaves running is killed at its end."""
+    from helpers import Held  # here: helpers imports this module
+
+    started: list[Held] = []
+
+    def start(ws: Path, cache: Path, epoch: int = 1) -> Held:
+        started.append(Held(ws, cache, epoch))
+        return started[-1]
+
+    yield start
+    for h in started:
+        h.close()
+
+
+# ------------------------------------------------------------------------- `make test-fast` leaves the slow out
+# A test that runs a stage, DVC, make, torchrun, a lab tool or a training process is marked `slow`: `make test-fast` (the unit
+# tests, `-m "not slow"`) leaves it out. Enforced here, not by habit: such a process started by a test without the
+# mark fails that test. Set before the test's fixtures are, so a module fixture that runs a stage counts too.
+_SLOW_PROGRAMS = {"dvc", "make", "torchrun"}
+_running = {"slow": True, "test": ""}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _running.update(slow=item.get_closest_marker("slow") is not None, test=item.nodeid)
+
+
+def _refuse_slow_work(what: str) -> None:
+    if not _running["slow"]:
+        pytest.fail(f"{_running['test']} runs {what}: mark it @pytest.mark.slow (make test-fast leaves those out)",
+                    pytrace=False)
+
+
+def _slow_argv(args) -> bool:
+    argv = [str(a) for a in ([args] if isinstance(args, (str, os.PathLike)) else args)]
+    program = Path(argv[0].split()[0]).name if argv else ""
+    scripts = [a for a in argv[1:3] if a.endswith(".py")]
+    lab_tool = "--help" not in argv and any(a == "-m" and b.startswith("cifar_resnet.lab.")
+                                            for a, b in zip(argv, argv[1:]))  # the bench, the GPU check, ...
+    return program in _SLOW_PROGRAMS or lab_tool or any(
+        "/stages/" in s or s.endswith(("held_stage.py", "kill_stage.py")) for s in scripts)
+
+
+def pytest_configure(config):
+    import multiprocessing.process
+
+    popen_init, process_start = subprocess.Popen.__init__, multiprocessing.process.BaseProcess.start
+
+    def guarded_popen(self, args, *rest, **kwargs):
+        if _slow_argv(args):
+            _refuse_slow_work(f"`{args if isinstance(args, str) else ' '.join(map(str, args))}`")
+        popen_init(self, args, *rest, **kwargs)
+
+    def guarded_start(self):
+        _refuse_slow_work("a training process (multiprocessing)")
+        process_start(self)
+
+    subprocess.Popen.__init__ = guarded_popen
+    multiprocessing.process.BaseProcess.start = guarded_start

@@ -255,6 +255,7 @@ def test_help_gives_the_plan_and_runs_nothing():
     assert where == sorted(where), out
 
 
+@pytest.mark.slow
 def test_make_ablation_runs_the_command():
     result = subprocess.run(["make", "-n", "-o", ".venv/.installed", "ablation", "ROW=ema", "ON=ls",
                              "SET=train.ema_decay=0.99 train.ema_every=4", "SEED=1", "DEVICE=cuda"],

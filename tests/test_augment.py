@@ -11,30 +11,14 @@ import torch.nn.functional as F
 from scipy.stats import chi2_contingency, chisquare
 
 from cifar_resnet.augment import BatchAugment, albumentations_pipeline
-from cifar_resnet.config import AugmentParams
+from helpers import (CIFAR_MEAN, CIFAR_STD, CROP, HOLE, HOLE_SPAN, MEAN0, PAD, SPAN, STD1, aug_params, ramp_image,
+                     random_images)
 
-PAD, CROP, HOLE = 4, 32, 8
-SPAN = 32 + 2 * PAD - CROP + 1  # 9 crop offsets per axis
-HOLE_SPAN = CROP - HOLE + 1  # 25 hole offsets per axis
-MEAN0, STD1 = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # the output is the raw pixel values
-# CIFAR-10-like statistics, deliberately non-integer: no normalised pixel of an integer image is exactly 0.
-CIFAR_MEAN, CIFAR_STD = (125.307, 122.950, 113.865), (62.993, 62.089, 66.705)
 MODES = ["reflect", "replicate", "constant"]
 NORMS = {"raw": (MEAN0, STD1), "cifar": (CIFAR_MEAN, CIFAR_STD)}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def aug_params(**kw) -> AugmentParams:
-    return AugmentParams(**{"pad": PAD, "pad_mode": "reflect", "crop": CROP, "flip_p": 0.5, "cutout": HOLE,
-                            "backend": "batched", **kw})
-
-
-def random_images(n: int, seed: int) -> torch.Tensor:
-    """uint8 (n, 3, 32, 32) with values 1..255: no zero pixel, so zeros in a raw output are hole or fill."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
 
 
 def normalised(image: torch.Tensor, mean, std) -> torch.Tensor:
@@ -115,13 +99,6 @@ def test_batched_raw_output_equals_input_pixels():
     aug = BatchAugment(aug_params(pad=0, cutout=0, flip_p=0.0), MEAN0, STD1, "cpu")
     out = aug(images, aug.draw(8, torch.Generator().manual_seed(0)))
     assert torch.equal(out, images.float())
-
-
-def ramp_image() -> torch.Tensor:
-    """Channel 0 = row + 1, channel 1 = column + 1 (distinct columns), channel 2 = 200."""
-    r = torch.arange(32).view(32, 1).expand(32, 32)
-    c = torch.arange(32).view(1, 32).expand(32, 32)
-    return torch.stack([r + 1, c + 1, torch.full((32, 32), 200)]).to(torch.uint8)
 
 
 @pytest.mark.parametrize("backend", ["batched", "albumentations"])

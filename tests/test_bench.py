@@ -4,11 +4,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import stage_env, tiny_params
 
 
+@pytest.mark.slow
 def test_bench_prints_the_summary_json(tmp_path):
     params = tiny_params(train={"batch_size": 32, "device": "cpu"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -24,6 +26,7 @@ def test_bench_prints_the_summary_json(tmp_path):
     assert summary["img_per_s"] > 0 and summary["threads"] >= 1
 
 
+@pytest.mark.slow
 def test_bench_profile_names_the_operators(tmp_path):
     params = tiny_params(train={"batch_size": 32, "device": "cpu"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_params
-from test_device_portability import tiny_data
+from helpers import tiny_data
 
 from cifar_resnet import checkpoint
 from cifar_resnet.config import parse_params

@@ -521,6 +521,7 @@ def run_download_stage(tmp_path: Path, params_text: str) -> subprocess.Completed
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("params_text", "key"), [
     ("train: {batch_size: -5}\n", "train.batch_size"),
     ("lr_mx: 0.3\n", "lr_mx"),

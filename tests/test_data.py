@@ -464,6 +464,7 @@ def test_a_hostile_archive_writes_nothing_outside_and_is_named(small, tmp_path, 
     assert_nothing_left(dest)
 
 
+@pytest.mark.slow
 def test_the_download_stage_refuses_a_hostile_archive_in_one_line(small, tmp_path):
     out = tmp_path / "outside"
     archive = hostile_archive(small, tmp_path / "mirror" / ARCHIVE, out, "symlink_absolute")

@@ -21,11 +21,11 @@ from torch.utils._pytree import tree_leaves
 import cifar_resnet.step
 import cifar_resnet.train
 from cifar_resnet.config import parse_params
-from cifar_resnet.data import Cifar10
 from cifar_resnet.evaluate import evaluate
 from cifar_resnet.loader import EvalLoader
 from cifar_resnet.runtime import pick_runtime
 from conftest import tiny_params
+from helpers import tiny_data
 
 DEVICE = os.environ.get("CIFAR_RESNET_TEST_DEVICE", "cpu")
 PRECISIONS = {"cpu": ["fp32", "bf16"], "cuda": ["fp32", "bf16", "fp16"], "mps": ["fp32"]}[DEVICE]
@@ -45,15 +45,6 @@ class Recorder(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
                 self.float64.append(str(func))
         return out
-
-
-def tiny_data(n_train: int = 256, n_test: int = 100) -> Cifar10:
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n_train + n_test, 3, 32, 32), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 10, (n_train + n_test,), generator=g)
-    none = torch.zeros(0, dtype=torch.long)
-    return Cifar10(images[:n_train], labels[:n_train], images[:0], none, images[n_train:], labels[n_train:],
-                   tuple("abcdefghij"))
 
 
 @pytest.fixture

@@ -83,6 +83,7 @@ def _size_limit(limit: int):
     return apply
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("params", "limit", "named"), [
     ({}, 200_000, "checkpoint.pt"),  # the first checkpoint (weights + momentum) is the first large write
     ({"checkpoint_every": 100}, 120_000, "models/model.pt"),  # no checkpoint: the weights are the first

@@ -7,6 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cifar_resnet import paths
@@ -154,6 +155,7 @@ def _md5_as_dvc_hashes(path: Path) -> str:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
+@pytest.mark.slow
 def test_a_fresh_clone_shows_the_records_metrics_without_an_error(tmp_path):
     """Every metric and plot the record's lock declares is a git file (dvclive/ too), so `dvc metrics show` and
     `dvc exp show` on a fresh clone load them all."""

@@ -38,6 +38,7 @@ def workdir(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_without_a_gpu_it_says_so_runs_the_cpu_part_and_exits_0(workdir, tmp_path):
     cache = tmp_path / "cache"
     out = run_check(workdir, "--quick", CIFAR_RESNET_CACHE=str(cache))
@@ -53,6 +54,7 @@ def test_without_a_gpu_it_says_so_runs_the_cpu_part_and_exits_0(workdir, tmp_pat
     assert not cache.exists() or not any(cache.rglob("*.pt")), "no checkpoint is left behind"
 
 
+@pytest.mark.slow
 def test_a_partial_real_copy_is_used_and_repeated_to_the_size_asked(workdir):
     folder = write_cifar_folder(workdir / "data" / "cifar-10-batches-py", per_batch=32)
     for i in range(2, 6):
@@ -65,6 +67,7 @@ def test_a_partial_real_copy_is_used_and_repeated_to_the_size_asked(workdir):
     assert result["portability_tests"] == "skipped (--no-portability-tests)"
 
 
+@pytest.mark.slow
 def test_a_damaged_copy_fails_with_a_message(workdir):
     folder = write_cifar_folder(workdir / "data" / "cifar-10-batches-py", per_batch=8)
     out = run_check(workdir, "--quick", "--no-portability-tests")  # the official md5s: these files fail them
@@ -79,6 +82,7 @@ def test_help_says_what_it_does(workdir):
     assert out.returncode == 0 and "GPU" in out.stdout and "--epochs" in out.stdout
 
 
+@pytest.mark.slow
 def test_the_make_target_runs_the_module_without_installing():
     if shutil.which("make") is None:
         pytest.skip("make is not installed")

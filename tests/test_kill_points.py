@@ -7,7 +7,6 @@ every kind first, the rest at random, so every kind is hit and the points move w
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import subprocess
@@ -90,12 +89,14 @@ def drawn_points(met: Counter) -> list[tuple[str, str, int]]:
     return points
 
 
+@pytest.mark.slow
 def test_an_uninterrupted_run_meets_every_kind_of_kill_point(reference):
     _, _, met = reference
     assert {event for _, event in met} == KINDS
     assert met[("train", "epoch-end")] == 3 and met[("lr_range_test", "range-test-iteration")] >= 10
 
 
+@pytest.mark.slow
 def test_a_kill_at_any_point_then_a_rerun_gives_the_uninterrupted_outputs(reference, tmp_path):
     before, expected, met = reference
     for i, (stage, event, n) in enumerate(drawn_points(met)):

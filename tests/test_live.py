@@ -222,6 +222,7 @@ class HeldStage:
         os.close(self.fd)
 
 
+@pytest.mark.slow
 def test_a_held_run_shows_its_epochs_and_a_resumed_run_rebuilds_them(tmp_path):
     base = make_workspace(tmp_path / "base", PER_BATCH, train={"epochs": EPOCHS})
     result = run_stage("train", base, stage_env(tmp_path / "cache-base"), timeout=600)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cifar_resnet.loader import EvalLoader, TrainLoader, derive_seed
-from test_augment import CIFAR_MEAN, CIFAR_STD, CROP, MEAN0, STD1, aug_params, ramp_image, random_images
+from helpers import CIFAR_MEAN, CIFAR_STD, CROP, MEAN0, STD1, aug_params, ramp_image, random_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -26,6 +26,8 @@ from conftest import REPO
 
 from cifar_resnet.lab import plots_template
 
+pytestmark = pytest.mark.slow  # DVC draws the pages, a real browser reads them
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".svg")
 DATA_FILES = ["plots/history.tsv", "plots/lr_range_test.tsv", "plots/confusion.csv"]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -82,6 +82,7 @@ def trained(tmp_path_factory, mirror):
 # ------------------------------------------------------------------------------------- against the evaluate stage
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_predict_gives_the_evaluate_stages_classes_and_probabilities(trained, precision):
     resolved = inference_runtime(precision=precision).precision  # `auto` resolves here as in the stage
@@ -113,12 +114,14 @@ def test_predict_gives_the_evaluate_stages_classes_and_probabilities(trained, pr
     assert np.array_equal(batched.argmax(1)[decided], evaluated.argmax(1)[decided])
 
 
+@pytest.mark.slow
 def test_fp32_in_the_stages_batch_gives_the_stages_bytes(trained):
     """The same pixels (PNG is lossless), normalisation, batch and forward as the stage: the same numbers."""
     results = predict_files(trained.pngs, trained.model, top_k=1, precision="fp32", batch_size=N_IMAGES)
     assert np.array_equal(np.stack([r.probs for r in results]), trained.evaluated["fp32", "none"]["probs"])
 
 
+@pytest.mark.slow
 def test_test_time_augmentation_is_the_stages(trained, capsys):
     """--tta runs the evaluate stage's own views (flip+translate: 6 views) and averages them as it does."""
     evaluated = trained.evaluated["fp32", "flip+translate"]["probs"]
@@ -134,6 +137,7 @@ def test_test_time_augmentation_is_the_stages(trained, capsys):
     assert name == CLASSES[int(evaluated[0].argmax())] and abs(float(p) - evaluated[0].max()) <= 5e-5 + 1e-5
 
 
+@pytest.mark.slow
 def test_the_command_prints_top_k_and_names_the_files_it_cannot_read(trained, tmp_path):
     extra = tmp_path / "extra"
     extra.mkdir()
@@ -160,6 +164,7 @@ def test_the_command_prints_top_k_and_names_the_files_it_cannot_read(trained, tm
         [CLASSES[k] for k in evaluated.argmax(1)]
 
 
+@pytest.mark.slow
 def test_the_command_writes_json_lines(trained, tmp_path, capsys):
     missing = tmp_path / "gone.png"
     assert main(["--model", str(trained.model), "--json", "--top-k", "2", str(trained.pngs[0]), str(missing)]) == 1
@@ -340,6 +345,7 @@ def test_the_model_is_declared_as_a_dvc_model_artifact():
     assert paths.MODEL.as_posix() in dvc_yaml["stages"]["train"]["outs"]  # the train stage makes it
 
 
+@pytest.mark.slow
 def test_dvc_artifacts_get_fetches_a_tagged_version_of_the_weights(tmp_path):
     """A project with this dvc.yaml's `artifacts:` and a stage whose out is the model: after `dvc push` and a GTO
     version tag (annotated, as `gto register` makes), `dvc artifacts get` fetches the weights elsewhere."""

@@ -71,6 +71,7 @@ def experiment(shown: list, name: str) -> dict:
     raise AssertionError(f"no experiment {name} in {json.dumps(shown)[:2000]}")
 
 
+@pytest.mark.slow
 def test_make_pull_without_a_remote_explains_and_fails(tmp_path):
     """A fresh clone as the repo is today: no remote. DVC's own answer is a puzzle; `make pull` names the cause."""
     repo = copy_repo(tmp_path / "repo", base_env(tmp_path / "cache"))
@@ -82,6 +83,7 @@ def test_make_pull_without_a_remote_explains_and_fails(tmp_path):
     assert "dvc pull" not in result.stdout and not (repo.path / "models").exists()  # nothing was tried
 
 
+@pytest.mark.slow
 def test_make_pull_with_remotes_but_no_default_names_them(tmp_path):
     repo = copy_repo(tmp_path / "repo", base_env(tmp_path / "cache"))
     repo.dvc("remote", "default", "--unset")

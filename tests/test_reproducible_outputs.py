@@ -38,6 +38,7 @@ def two_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_every_output_is_written(two_runs):
     first, _ = two_runs
     assert {"data/params_checked.txt", "models/model.pt", "models/predictions.npz", "models/summary.txt",
@@ -48,6 +49,7 @@ def test_every_output_is_written(two_runs):
             assert b"timestamp" not in data, path  # no wall-clock column in the live files
 
 
+@pytest.mark.slow
 def test_two_identical_runs_give_the_same_bytes(two_runs):
     first, second = two_runs
     assert set(first) == set(second)
@@ -55,6 +57,7 @@ def test_two_identical_runs_give_the_same_bytes(two_runs):
     assert differ == []
 
 
+@pytest.mark.slow
 def test_timing_differs_only_in_what_it_measures(two_runs):
     first, second = (json.loads(run["timing/train.json"]) for run in two_runs)
     assert {k: v for k, v in first.items() if k not in MEASURED} == {k: v for k, v in second.items()

@@ -120,7 +120,7 @@ def _params():
 
 
 def _data():
-    from test_device_portability import tiny_data
+    from helpers import tiny_data
 
     return tiny_data()
 
@@ -149,6 +149,7 @@ def _rank(rank: int, cache: str, port: int, out) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_every_rank_resumes_from_rank_0s_checkpoint(tmp_path, monkeypatch):
     import cifar_resnet.train as train_module
 

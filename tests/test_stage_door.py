@@ -24,6 +24,7 @@ def _download(python: Path, cwd: Path):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_a_python_without_the_packages_hands_over_to_the_trees_venv(bare_python, tmp_path):
     (tmp_path / ".venv").symlink_to(Path(sys.prefix))  # the tree's own .venv (here: the one running the tests)
     result = _download(bare_python, tmp_path)
@@ -32,6 +33,7 @@ def test_a_python_without_the_packages_hands_over_to_the_trees_venv(bare_python,
                                     "lr_max, lr_min_factor, lr_range_test, model, seed, train)"
 
 
+@pytest.mark.slow
 def test_without_a_venv_it_says_what_to_do(bare_python, tmp_path):
     result = _download(bare_python, tmp_path)
     assert result.returncode != 0
@@ -42,6 +44,7 @@ def test_without_a_venv_it_says_what_to_do(bare_python, tmp_path):
 STAGES = sorted(p.stem for p in (REPO / "stages").glob("*.py"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
 def test_help_describes_the_stage_and_runs_nothing(stage, tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "stages" / f"{stage}.py"), "--help"], cwd=tmp_path,
@@ -51,6 +54,7 @@ def test_help_describes_the_stage_and_runs_nothing(stage, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no params.yaml was needed, nothing was written
 
 
+@pytest.mark.slow
 def test_a_stage_rejects_arguments_it_does_not_take(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), "--epochs", "3"], cwd=tmp_path,
                             env=stage_env(), capture_output=True, text=True, timeout=120)

@@ -238,6 +238,7 @@ def _make_n(*args) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_the_tricks_study_is_the_makefiles_tricks_set(tmp_path):
     """The set is written once (the Makefile's TRICKS): `make tricks` and `make tricks-study` pass the same overrides,
     and the committed studies/tricks/ is params.yaml with them applied."""

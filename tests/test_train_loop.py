@@ -77,6 +77,7 @@ def _diverging_rank(rank: int, store: str, out) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_every_rank_names_the_loss_of_the_rank_that_diverged(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
@@ -100,7 +101,7 @@ def _run(tmp_path, monkeypatch, val_size=0, **train):
     from cifar_resnet.runtime import pick_runtime
     from cifar_resnet.train import train as train_loop
     from conftest import tiny_params
-    from test_device_portability import tiny_data
+    from helpers import tiny_data
 
     monkeypatch.setenv("CIFAR_RESNET_CACHE", str(tmp_path))
     saved = []

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,10 +16,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, make_workspace, run_stage, stage_env
+from conftest import make_workspace, run_stage, stage_env
 
-HARNESS = Path(__file__).with_name("held_stage.py")
-MALLOC_TUNABLE = "glibc.malloc.mmap_threshold=4294967296"
 
 EPOCHS = 6
 PER_BATCH = 192  # 960 training images, 15 steps an epoch
@@ -32,109 +28,6 @@ OUTPUTS = ["models/model.pt", "metrics/train.json", "plots/history.tsv", "timing
 def _train(ws: Path, cache: Path, **kw) -> subprocess.CompletedProcess:
     result = run_stage("train", ws, stage_env(cache, PYTHONUNBUFFERED="1"), **kw)
     return result
-
-
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class Held:
-    """The train stage started under tests/held_stage.py: it stops after logging epoch `epoch` (its checkpoint is
-    saved by then) and stays there until killed or signalled. Nothing here depends on how fast the CPU is; the
-    timeouts only turn a hang into a failure."""
-
-    def __init__(self, ws: Path, cache: Path, epoch: int = 1):
-        self.epoch = epoch
-        self.fifo = ws.with_name(ws.name + ".hold")  # beside the workspace, not in it
-        os.mkfifo(self.fifo)
-        # Held open by the test (read-write: never blocks): the stage blocks reading it; closing it releases.
-        self.fd = os.open(self.fifo, os.O_RDWR)
-        env = stage_env(cache, PYTHONUNBUFFERED="1", HOLD_AFTER_EPOCH=str(epoch), HOLD_FIFO=str(self.fifo),
-                        GLIBC_TUNABLES=MALLOC_TUNABLE)  # as the stage would set it: no re-exec
-        # Started with SIGINT ignored, as a shell starts a background job (`pytest &`, DVC's queue worker): the
-        # stage must stop on SIGINT all the same, and this test must not depend on how it was launched.
-        self.proc = subprocess.Popen([sys.executable, str(HARNESS), str(REPO / "stages" / "train.py")], cwd=ws,
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True, preexec_fn=_ignore_sigint)
-        self.pid = self.proc.pid
-        self.seen = ""
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def _next(self, timeout: float) -> str | None:
-        try:
-            return self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no output for {timeout:.0f} s (hung?); output so far:\n{self.seen}") from None
-
-    def wait_for(self, text: str, timeout: float = 300) -> str:
-        """Read the output up to the line holding `text`."""
-        while (line := self._next(timeout)) is not None:
-            self.seen += line
-            if text in line:
-                return self.seen
-        raise AssertionError(f"never saw {text!r}; output so far:\n{self.seen}")
-
-    def wait_held(self, epochs: int, timeout: float = 300) -> str:
-        """Read the output up to the line of the held epoch: from then on the stage waits, its checkpoint saved."""
-        return self.wait_for(f"epoch {self.epoch:>2}/{epochs} ", timeout)
-
-    def output(self, timeout: float = 120) -> str:
-        """All the output, once every process holding the pipe has ended."""
-        while (line := self._next(timeout)) is not None:
-            self.seen += line
-        self.proc.wait(timeout=timeout)
-        return self.seen
-
-    def tree(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def kill(self) -> None:
-        """SIGKILL the process group, mid-run, and wait until every process of the tree is gone (torchrun's
-        workers, in sessions of their own, die with their parent)."""
-        tree = self.tree()
-        os.killpg(self.pid, signal.SIGKILL)
-        self.proc.wait(timeout=60)
-        _, alive = psutil.wait_procs(tree, timeout=60)
-        assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            tree = self.tree()
-            for p in [self.proc, *tree]:
-                try:
-                    p.kill()
-                except (ProcessLookupError, psutil.NoSuchProcess):
-                    pass
-            self.proc.wait(timeout=60)
-            psutil.wait_procs(tree, timeout=60)
-        os.close(self.fd)
-        self._reader.join(timeout=60)  # ends at EOF, once no process of the tree holds the pipe
-        if not self._reader.is_alive():
-            self.proc.stdout.close()
-
-
-@pytest.fixture
-def held():
-    """Start held train stages; whatever a test leaves running is killed at its end."""
-    started: list[Held] = []
-
-    def start(ws: Path, cache: Path, epoch: int = 1) -> Held:
-        started.append(Held(ws, cache, epoch))
-        return started[-1]
-
-    yield start
-    for h in started:
-        h.close()
 
 
 def _metrics(ws: Path) -> dict[str, bytes]:
@@ -151,6 +44,7 @@ def baseline(tmp_path_factory):
     return ws, result
 
 
+@pytest.mark.slow
 def test_train_writes_every_output_and_learns(baseline):
     ws, result = baseline
     for path in OUTPUTS:
@@ -174,11 +68,13 @@ def test_train_writes_every_output_and_learns(baseline):
     assert list(saved["model"]["channels"]) == [8, 16, 32, 64] and len(saved["mean"]) == 3 and len(saved["classes"]) == 10
 
 
+@pytest.mark.slow
 def test_checkpoint_removed_after_success(baseline):
     cache = baseline[0].parent / "cache" / "checkpoints"
     assert not cache.exists() or not any(p.joinpath("checkpoint.pt").exists() for p in cache.iterdir())
 
 
+@pytest.mark.slow
 def test_same_seed_gives_byte_identical_metrics(baseline, tmp_path):
     ws = make_workspace(tmp_path / "again", PER_BATCH, train={"epochs": EPOCHS})
     result = _train(ws, tmp_path / "cache")
@@ -186,12 +82,14 @@ def test_same_seed_gives_byte_identical_metrics(baseline, tmp_path):
     assert _metrics(ws) == _metrics(baseline[0])
 
 
+@pytest.mark.slow
 def test_another_seed_differs(baseline, tmp_path):
     ws = make_workspace(tmp_path / "seed1", PER_BATCH, seed=1, train={"epochs": EPOCHS})
     assert _train(ws, tmp_path / "cache").returncode == 0
     assert _metrics(ws)["metrics/train.json"] != _metrics(baseline[0])["metrics/train.json"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_resumes_to_identical_metrics(baseline, tmp_path, held):
     ws, cache = make_workspace(tmp_path / "ws", PER_BATCH, train={"epochs": EPOCHS}), tmp_path / "cache"
     run = held(ws, cache, epoch=EPOCHS - 1)  # late: most of the run's wall time is spent before the kill
@@ -210,6 +108,7 @@ def test_sigkill_then_rerun_resumes_to_identical_metrics(baseline, tmp_path, hel
     assert timing["seconds_total"] >= sum(timing["seconds_per_epoch"]) - 0.05 - 0.005 * EPOCHS, timing
 
 
+@pytest.mark.slow
 def test_sigint_stops_cleanly_and_resumes(baseline, tmp_path, held):
     ws, cache = make_workspace(tmp_path / "ws", PER_BATCH, train={"epochs": EPOCHS}), tmp_path / "cache"
     run = held(ws, cache)
@@ -226,6 +125,7 @@ def test_sigint_stops_cleanly_and_resumes(baseline, tmp_path, held):
     assert _metrics(ws) == _metrics(baseline[0])
 
 
+@pytest.mark.slow
 def test_checkpoint_of_other_params_is_not_resumed(tmp_path, held):
     ws, cache = make_workspace(tmp_path / "ws", PER_BATCH, train={"epochs": EPOCHS}), tmp_path / "cache"
     run = held(ws, cache)
@@ -239,6 +139,7 @@ def test_checkpoint_of_other_params_is_not_resumed(tmp_path, held):
     assert "Starting afresh" in result.stdout and "train.weight_decay" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_second_live_run_of_the_same_config_fails_clearly_and_the_first_finishes(baseline, tmp_path, held):
     """Two workspaces, one config, one cache: the checkpoint folder belongs to the run that holds it."""
     cache = tmp_path / "cache"
@@ -265,6 +166,7 @@ def _age(folder: Path, days: float) -> None:
         os.utime(path, (then, then))
 
 
+@pytest.mark.slow
 def test_a_train_stage_prunes_untouched_checkpoints_but_not_a_live_runs(tmp_path, held):
     cache = tmp_path / "cache"
     live = held(make_workspace(tmp_path / "live", PER_BATCH, train={"epochs": EPOCHS}), cache)
@@ -281,6 +183,7 @@ def test_a_train_stage_prunes_untouched_checkpoints_but_not_a_live_runs(tmp_path
     assert not stale.exists() and (live_folder / "checkpoint.pt").is_file()
 
 
+@pytest.mark.slow
 def test_divergence_fails_with_epoch_step_and_lr(tmp_path):
     ws = make_workspace(tmp_path / "ws", lr_max=1000.0)
     result = _train(ws, tmp_path / "cache")
@@ -291,6 +194,7 @@ def test_divergence_fails_with_epoch_step_and_lr(tmp_path):
     assert not (ws / "metrics/train.json").exists() and not (ws / "models/model.pt").exists()
 
 
+@pytest.mark.slow
 def test_lr_max_auto_reads_the_range_test_pick(tmp_path):
     ws = make_workspace(tmp_path / "ws", lr_max="auto", train={"epochs": 2})
     (ws / "metrics").mkdir()
@@ -302,12 +206,14 @@ def test_lr_max_auto_reads_the_range_test_pick(tmp_path):
     assert metrics["lr_min"] == pytest.approx(0.00123)
 
 
+@pytest.mark.slow
 def test_lr_max_auto_without_range_test_fails_clearly(tmp_path):
     ws = make_workspace(tmp_path / "ws", lr_max="auto")
     result = _train(ws, tmp_path / "cache")
     assert result.returncode == 1 and "lr_range_test" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_range_test_without_a_pick_writes_its_curve_and_only_auto_fails(tmp_path):
     """A range test without a pick (here: the loss climbs at once) is not a failed stage: its curve, PNG and a
     JSON that says why come out; train fails on it only with lr_max: auto, and trains with a number."""
@@ -333,6 +239,7 @@ def test_range_test_without_a_pick_writes_its_curve_and_only_auto_fails(tmp_path
 # ---------------------------------------------------------------------------------------------- two processes
 
 
+@pytest.mark.slow
 def test_two_processes_train_with_the_same_steps_and_resume(baseline, tmp_path, held):
     ws, cache = make_workspace(tmp_path / "ws", PER_BATCH, train={"epochs": EPOCHS, "nproc": 2}), tmp_path / "cache"
     run = held(ws, cache)
@@ -349,6 +256,7 @@ def test_two_processes_train_with_the_same_steps_and_resume(baseline, tmp_path, 
     assert two["train_acc"] > 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_no_worker_outlives_the_launcher(tmp_path, sig, held):
     ws = make_workspace(tmp_path / "ws", train={"epochs": 40, "nproc": 2})

@@ -21,8 +21,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, make_workspace, run_stage, stage_env, tiny_params
-from test_device_portability import tiny_data
-from test_train_stage import held  # noqa: F401  (the fixture: held train stages, killed at the test's end)
+from helpers import tiny_data
 from torch import nn
 
 import cifar_resnet.lr_finder as range_module
@@ -607,6 +606,7 @@ def trained(tmp_path_factory):
     return ws
 
 
+@pytest.mark.slow
 def test_every_stage_passes_with_every_knob_on(trained):
     ws, cache = trained, trained.parent / "cache"
     _set_params(ws, evaluate={"tta": "flip+translate"})  # an evaluation knob: nothing before evaluate reruns
@@ -634,6 +634,7 @@ def test_every_stage_passes_with_every_knob_on(trained):
     assert not list(cache.rglob("checkpoint.pt")), "removed after success"
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_with_every_knob_on_is_byte_identical(trained, tmp_path, held):  # noqa: F811
     ws, cache = make_workspace(tmp_path / "ws", **STAGE_KNOBS), tmp_path / "cache"
     (ws / "metrics").mkdir()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 from cifar_resnet.errors import CifarResnetError
