@@ -8,7 +8,8 @@ export PYTHONPATH := $(abspath src)
 export DVC_NO_ANALYTICS := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: repro test test-fast bench install plots clean-checkpoints study pull gpu-check ablation tricks tricks-study
+.PHONY: repro test test-fast bench install plots clean-checkpoints study pull gpu-check ablation tricks tricks-study \
+	lr-sweep
 
 # The package is installed editable (no dependencies: requirements.txt pins them), so `python -m cifar_resnet.model`
 # works in the activated .venv; stage commands still put their own tree's src/ first (PYTHONPATH=src).
@@ -69,6 +70,16 @@ tricks: $(VENV)/.installed
 # `make tricks-study SEEDS=0-4`: the tricks set's seed study, studies/tricks/ (what the README's Results report).
 tricks-study:
 	$(MAKE) study NAME=tricks SEEDS='$(SEEDS)' SET='$(TRICKS)' $(if $(DEVICE),DEVICE='$(DEVICE)')
+
+# `make lr-sweep JOBS=2 [DEVICE=cuda]`: does the LR range test pick a good LRMAX? The default recipe on the validation
+# split (45,000 training images), lr_max fixed at each value below, seeds 0-2, run through DVC's queue JOBS at a time;
+# rows, summary, curves and figure in studies/lr-sweep/ (its README says what decides). Each range test sweeps its
+# whole range (stop_at_climb=false: the same pick, and a curve other rules can be judged on). Re-running skips done runs.
+LR_SWEEP := 0.1,0.2,0.3,0.4,0.5,0.6,0.8,1.0
+JOBS ?= 1
+lr-sweep: $(VENV)/.installed
+	python -m cifar_resnet.lab.grid_study lr-sweep --grid 'lr_max=$(LR_SWEEP)' --seeds 0-2 --set data.val_size=5000 \
+		--set lr_range_test.stop_at_climb=false --jobs '$(JOBS)' $(if $(DEVICE),--device '$(DEVICE)')
 
 # `make pull`: the DVC-tracked outputs of the checked-out commit (data/, models/) from the default DVC remote, instead
 # of `make repro`'s hour of training (README, "Sharing: remotes"). With no default remote, `dvc pull` says only

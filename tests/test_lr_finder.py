@@ -1,6 +1,7 @@
 """The LR range test: the exponential LR sweep, the climb rule and a tiny real run on the CPU."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -265,3 +266,26 @@ def test_pick_result_without_a_pick_says_why_with_the_same_fields():
     assert "no_pick" not in picked and set(result) - set(picked) == {"no_pick"}
     assert picked["rule"] == result["rule"].replace("* 0.01", "* 0.1")
     assert pick_result([], [], test, 0.01, "not_finite", log=messages.append)["start_loss"] is None
+
+
+def test_a_sweep_past_the_climb_keeps_the_pick_and_the_curve_up_to_it(monkeypatch):
+    """`lr_range_test.stop_at_climb: false` sweeps on to num_iter, for curves that other rules can be judged on."""
+    losses = FALLING[:12] + [3.0] * 13
+    results = {}
+    for stop in (True, False):
+        feed = iter(losses)
+        monkeypatch.setattr(lr_finder, "train_step", lambda *_a, **_k: (torch.tensor(next(feed)), None))
+        params = tiny_params()
+        params = replace(params, lr_range_test=replace(params.lr_range_test, stop_at_climb=stop))
+        data = tiny_data(n=256)
+        results[stop] = run_range_test(params, data, *data.mean_std(), pick_runtime(params.train),
+                                       log=lambda _: None, progress=False)
+    stopped, swept = results[True], results[False]
+    assert (stopped["stopped"], swept["stopped"]) == ("climb", "end_of_sweep")
+    assert swept["iterations"] == 25 > stopped["iterations"]
+    for key in ("lr_max", "lr_min", "lr_at_climb", "lowest_loss"):
+        assert swept[key] == stopped[key] is not None, key
+    n = stopped["iterations"]
+    assert [p["lr"] for p in swept["curve"][:n]] == [p["lr"] for p in stopped["curve"]]
+    assert [p["loss"] for p in swept["curve"][:n]] == [p["loss"] for p in stopped["curve"]]
+

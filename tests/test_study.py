@@ -214,8 +214,8 @@ def test_help_says_how_and_runs_nothing():
 # ---------------------------------------------------------------------------------------------- committed studies
 
 
-# studies/ also holds the tricks' ablation (its own table) and the GPU check's output: neither is a seed study.
-NOT_SEED_STUDIES = {"ablation", "gpu_check"}
+# studies/ also holds the tricks' ablation (its own table), the GPU check's output and the LR sweep (a grid study).
+NOT_SEED_STUDIES = {"ablation", "gpu_check", "lr-sweep"}
 COMMITTED = sorted(p for p in (REPO / "studies").glob("*/runs.csv") if p.parent.name not in NOT_SEED_STUDIES)
 
 

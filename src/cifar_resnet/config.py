@@ -59,6 +59,7 @@ class LrRangeTestParams:
     num_iter: int = field(default=100, metadata=_check("positive"))
     window: int = field(default=5, metadata=_check("odd"))
     divisor: float = field(default=1.25, metadata=_check("positive"))
+    stop_at_climb: bool = True  # false: sweep to num_iter (the pick is the same), for curves judged by other rules
 
 
 @dataclass(frozen=True)

@@ -122,10 +122,12 @@ def run_range_test(params, data, mean, std, runtime, log=print, progress: bool =
 
 def why_stop(losses: list[float], value: float, test) -> str | None:
     """Why the sweep stops at the loss `value` that follows `losses`, or None to go on: "climb" (the climb's median
-    window is whole), "not_finite", or "end_of_sweep" (num_iter batches without either)."""
+    window is whole; only with `stop_at_climb`), "not_finite", or "end_of_sweep" (num_iter batches without either).
+    The pick is the same either way: the climb's median window is whole when it is found, so later losses cannot move
+    it."""
     if not math.isfinite(value):
         return "not_finite"
-    if climbed([*losses, value], test.window):
+    if test.stop_at_climb and climbed([*losses, value], test.window):
         return "climb"
     return "end_of_sweep" if len(losses) + 1 == test.num_iter else None
 

@@ -88,7 +88,7 @@ def read_run(read, source: str, make) -> Run:
 def check_lock(read, stages: dict, graph: dict, params: dict, source: str) -> dict:
     """Only the stages that make the row: a stale gallery does not matter (an experiment of the row stages leaves
     its entry as it was, so it may record older files). Returns {path: md5} of those stages' deps."""
-    written = {o["path"]: o.get("md5") for stage in stages.values() for o in stage.get("outs") or []}
+    written = written_md5s(stages)
     recorded = {}
     for name in sorted(row_stages(graph)):
         for dep in stages[name].get("deps") or []:
@@ -101,10 +101,28 @@ def check_lock(read, stages: dict, graph: dict, params: dict, source: str) -> di
                 raise StaleRun(f"{source}: stage {name} ran with {key}={value!r}, params.yaml has "
                                f"{params.get(key, '(nothing)')!r}")
     for rel in ROW_FILES:
-        data = read(rel)
-        if data is None or hashlib.md5(data).hexdigest() != written[rel]:
-            raise StaleRun(f"{source}: {rel} is not the file dvc.lock records")
+        recorded_bytes(read, written, rel, source)
     return recorded
+
+
+def written_md5s(stages: dict) -> dict:
+    """{output path: md5} of every stage in a dvc.lock's `stages`."""
+    return {o["path"]: o.get("md5") for stage in stages.values() for o in stage.get("outs") or []}
+
+
+def recorded_bytes(read, written: dict, rel: str, source: str) -> bytes:
+    """The bytes of `rel`, when they are the file dvc.lock records (`written`: written_md5s); else StaleRun."""
+    data = read(rel)
+    if data is None or hashlib.md5(data).hexdigest() != written.get(rel):
+        raise StaleRun(f"{source}: {rel} is not the file dvc.lock records")
+    return data
+
+
+def recorded_file(read, rel: str, source: str) -> bytes:
+    """`rel` of a run (a stage output beyond the row's files: the range test's JSON or curve), checked against
+    the run's own dvc.lock."""
+    lock = load_file(read, "dvc.lock", read_yaml, source)
+    return recorded_bytes(read, written_md5s(lock.get("stages") or {}), rel, source)
 
 
 def hardware_of(timing: dict) -> str:

@@ -40,18 +40,32 @@ def read_rows(path: Path) -> pd.DataFrame:
 
 def load_study(folder: Path, config: Config) -> pd.DataFrame:
     """The study's rows; refuses when the study was made under another configuration."""
-    runs = folder / "runs.csv"
-    if not runs.is_file():
+    stored = stored_config(folder, config)
+    if stored is None:
         return pd.DataFrame(columns=COLUMNS)
-    stored_path = folder / "config.json"
+    return refuse_stray(read_rows(folder / "runs.csv"), stored, folder)
+
+
+def stored_config(folder: Path, config: Config, check=lambda stored: None) -> dict | None:
+    """A study's config.json (None when it has no runs.csv yet), after `check(stored)`; refuses another
+    configuration than `config`."""
+    runs, stored_path = folder / "runs.csv", folder / "config.json"
+    if not runs.is_file():
+        return None
     if not stored_path.is_file():
         raise StudyError(f"{runs} exists without {stored_path}: restore it from git or use another study name")
     stored = json.loads(stored_path.read_text())
+    check(stored)
     refuse_other(Config(flatten(stored["params"]), stored["code"]), config, f"study {folder.name}")
-    rows = read_rows(runs)
+    return stored
+
+
+def refuse_stray(rows: pd.DataFrame, stored: dict, folder: Path) -> pd.DataFrame:
+    """`rows` when they are all of the study's code."""
     stray = sorted(set(rows["code_hash"]) - {stored["code_hash"]})
     if stray:
-        raise StudyError(f"{runs}: rows with code hash {', '.join(stray)}, not the study's {stored['code_hash']}")
+        raise StudyError(f"{folder / 'runs.csv'}: rows with code hash {', '.join(stray)}, not the study's "
+                         f"{stored['code_hash']}")
     return rows
 
 
