@@ -11,7 +11,8 @@ start_stage_process(fast_allocator=False)  # before any third-party import: see 
 import sys  # noqa: E402
 
 from cifar_resnet.config import load_params  # noqa: E402
-from cifar_resnet.data import fetch, load_cifar10  # noqa: E402
+from cifar_resnet.data import load_cifar10  # noqa: E402
+from cifar_resnet.fetch import fetch  # noqa: E402
 from cifar_resnet.paths import DATA_DIR  # noqa: E402
 from cifar_resnet.stage_door import log, run_stage  # noqa: E402
 

@@ -29,8 +29,9 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import calculate_md5
 
 from cifar_resnet.data import (ARCHIVE, ARCHIVE_MD5, FOLDER, MD5SUMS_ENV, MIRROR_ENV, OFFICIAL_MD5, SPLIT_SEED,
-                               TEST_FILES, TRAIN_FILES, Cifar10Test, expected_md5s, fetch, load_cifar10,
-                               load_test_split, read_md5sums)
+                               TEST_FILES, TRAIN_FILES, Cifar10Test, expected_md5s, load_cifar10, load_test_split,
+                               read_md5sums)
+from cifar_resnet.fetch import fetch
 from cifar_resnet.errors import DataError, ParamsError
 from conftest import REPO, stage_env, tiny_params, write_md5sums
 

@@ -1,35 +1,22 @@
-"""CIFAR-10 files -> md5-verified folder -> uint8 tensors, with torchvision doing the fetching and reading.
+"""The verified CIFAR-10 folder -> uint8 tensors, with torchvision hashing the files (`calculate_md5`) and
+unpickling the batches (`datasets.CIFAR10`).
 
-torchvision downloads the archive (`download_url`), hashes the files (`calculate_md5`) and unpickles the batches
-(`datasets.CIFAR10`); tarfile unpacks the archive, once its md5 is checked, under a filter that keeps every member
-inside the folder. This module adds what torchvision lacks: an offline mirror ($CIFAR10_MIRROR), an md5 table that
-can be swapped for another CIFAR-format copy ($CIFAR10_MD5SUMS), an output folder that appears only once verified,
-errors that name the file at fault, the fixed subsets and validation split, and NCHW uint8 tensors.
-
-`fetch` writes the folder (the download stage's output); `load_cifar10` and `load_test_split` read it back and are
-the one way every later stage reads data.
+This module holds the md5 table (the official one, or $CIFAR10_MD5SUMS for another CIFAR-format copy) and adds what
+torchvision lacks: errors that name the file at fault, the fixed subsets and validation split, and NCHW uint8
+tensors. `cifar_resnet.fetch` writes the folder (the download stage's output); `load_cifar10`, `load_test_split` and
+`load_split` read it back and are the one way every later stage reads data.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
-import http.client
 import os
-import shutil
-import sys
-import tarfile
-import tempfile
-import urllib.parse
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import calculate_md5, download_url
+from torchvision.datasets.utils import calculate_md5
 
 from cifar_resnet.errors import DataError, ParamsError
 
@@ -61,10 +48,10 @@ SPLIT_SEED = 20_240_601  # the subsets and the validation split are fixed, whate
 def expected_md5s(md5s: dict[str, str] | None = None) -> dict[str, str]:
     """The md5 every CIFAR-10 file must have: `md5s` if given, else the md5sum file named by $CIFAR10_MD5SUMS,
     else the official table. Keys: FILES, in that order."""
-    return _expected(md5s)[0]
+    return expected_md5s_and_archive(md5s)[0]
 
 
-def _expected(md5s: dict[str, str] | None) -> tuple[dict[str, str], str | None]:
+def expected_md5s_and_archive(md5s: dict[str, str] | None) -> tuple[dict[str, str], str | None]:
     """expected_md5s(md5s), and the md5 the archive must have before it is unpacked: the official one under the
     official table, else the table's ARCHIVE entry, if any. Without one (another CIFAR-format copy whose archive
     is not listed) the archive is still unpacked under the same filter, and its files are checked one by one."""
@@ -103,7 +90,7 @@ def read_md5sums(path: Path) -> dict[str, str]:
     return table
 
 
-def _verify(folder: Path, name: str, expected: str, source: str, hint: str = "") -> None:
+def verify(folder: Path, name: str, expected: str, source: str, hint: str = "") -> None:
     """Raise a DataError naming `name` unless `folder / name` is a file whose md5 is `expected`."""
     path = folder / name
     if not path.is_file():
@@ -112,152 +99,6 @@ def _verify(folder: Path, name: str, expected: str, source: str, hint: str = "")
     if actual != expected:
         raise DataError(f"{name}: md5 mismatch in {source}: expected {expected}, got {actual} (the file is "
                         f"truncated, altered or not CIFAR-10; another CIFAR-format copy needs ${MD5SUMS_ENV})")
-
-
-# ---------------------------------------------------------------------------------------------------- fetching
-
-
-def fetch(dest: str | Path, url: str, mirror: str | None = None, md5s: dict[str, str] | None = None,
-          progress: bool = True) -> str:
-    """Write the verified CIFAR-10 folder to `dest` and return a description of where it came from.
-
-    `mirror` (default: $CIFAR10_MIRROR) is a local folder holding `cifar-10-batches-py/`, the archive, or the files
-    themselves; without it the archive is downloaded from `url`. An archive's md5 is checked before it is
-    unpacked (see `_expected`), and no member may land outside the folder it is unpacked in. Every file's md5 is
-    checked against `expected_md5s(md5s)`; on any failure, running out of disk space included, `dest` is left as
-    it was and nothing else remains beside it.
-    """
-    dest, (md5s, archive_md5) = Path(dest), _expected(md5s)
-    mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV) or None
-    with _room_for(dest):
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # Everything (download, unpacking, verification) happens in a hidden sibling that is renamed into place.
-        staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-        try:
-            found, source = _gather(staging, url, mirror, archive_md5, progress)
-            verified = staging / "verified"
-            verified.mkdir()
-            for name, expected in md5s.items():
-                _verify(found, name, expected, source)
-                os.replace(found / name, verified / name)  # only the seven files: the archive also holds a readme
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(verified, dest)
-            return source
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-# Running out of room: a full disk, a quota, a file-size limit (ulimit -f). Not the source's fault.
-_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-@contextlib.contextmanager
-def _room_for(dest: Path):
-    """Turn running out of room while fetching into one line naming `dest` and the cause."""
-    try:
-        yield
-    except OSError as exc:
-        if not _no_room(exc):
-            raise
-        cause = os.strerror(exc.errno)
-        raise DataError(f"{dest}: {cause[0].lower()}{cause[1:]} while writing it (fetching CIFAR-10 takes up to "
-                        f"about 360 MB in {dest.parent}); {dest} was left as it was") from None
-
-
-def _no_room(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in _NO_ROOM
-
-
-def _gather(staging: Path, url: str, mirror: str | None, archive_md5: str | None,
-            progress: bool) -> tuple[Path, str]:
-    """Put the files into a folder under `staging`; return that folder and where the files came from."""
-    if not mirror:
-        archive = staging / ARCHIVE
-        _download(url, archive, progress)
-        return _unpack(archive, staging, url, archive_md5), url
-    root = Path(mirror)
-    if not root.is_dir():
-        raise DataError(f"{MIRROR_ENV}={mirror}: not a folder")
-    for folder in (root / FOLDER, root):
-        if all((folder / name).is_file() for name in FILES):
-            # A copy, verified below: the mirror's files could change between the check and the copy.
-            copy = staging / FOLDER
-            copy.mkdir()
-            for name in FILES:
-                shutil.copyfile(folder / name, copy / name)
-            return copy, str(folder)
-    if (root / ARCHIVE).is_file():
-        return _unpack(root / ARCHIVE, staging, str(root / ARCHIVE), archive_md5), str(root / ARCHIVE)
-    missing = [name for name in FILES if not (root / FOLDER / name).is_file()]
-    raise DataError(f"{', '.join(missing)}: missing from {root / FOLDER} (and no {ARCHIVE} in {root})")
-
-
-def _download(url: str, archive: Path, progress: bool) -> None:
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):  # torchvision's downloader needs an HTTP reply
-        raise DataError(f"{url}: download failed (not an http or https URL); for a local copy of the archive or "
-                        f"the files, point {MIRROR_ENV} at its folder")
-    # torchvision's download bar cannot be switched off: without a terminal to draw on it goes to /dev/null.
-    try:
-        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sys.stderr if progress else sink):
-            download_url(url, str(archive.parent), archive.name)
-    except (OSError, ValueError, RuntimeError, http.client.HTTPException) as exc:
-        if _no_room(exc):
-            raise  # _room_for says so: the download itself went well
-        raise DataError(f"{url}: download failed ({exc}); offline, point {MIRROR_ENV} at a local copy") from None
-
-
-def _unpack(archive: Path, staging: Path, source: str, md5: str | None) -> Path:
-    """Extract `archive` under `staging`, after checking its md5 if there is one to check; return the folder its
-    CIFAR-10 files should be in. Hash and extraction read the same open file: a swap in between changes nothing."""
-    if not hasattr(tarfile, "data_filter"):  # Python before 3.10.12 / 3.11.4
-        raise DataError(f"{source}: unpacking an archive safely needs Python 3.10.12, 3.11.4 or later; unpack it "
-                        f"yourself and point {MIRROR_ENV} at the folder")
-    target = staging / "unpacked"
-    try:
-        with open(archive, "rb") as file:
-            if md5 is not None:
-                _check_archive_md5(file, md5, source)
-                file.seek(0)
-            with tarfile.open(fileobj=file) as tar:
-                tar.extractall(target, filter=_cifar_member)
-    except tarfile.FilterError as exc:
-        raise DataError(f"{source}: unsafe member {exc} (a CIFAR-10 archive holds only folders and files); "
-                        f"nothing was kept") from None
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        if _no_room(exc):
-            raise  # _room_for says so: the archive is fine
-        raise DataError(f"{source}: not a readable CIFAR-10 archive ({exc})") from None
-    return target / FOLDER
-
-
-def _check_archive_md5(file, expected: str, source: str) -> None:
-    digest = hashlib.md5(usedforsecurity=False)
-    while chunk := file.read(1 << 20):
-        digest.update(chunk)
-    if digest.hexdigest() != expected:
-        raise DataError(f"{source}: md5 mismatch: expected {expected}, got {digest.hexdigest()}; nothing was "
-                        f"unpacked (the archive is truncated, altered or not the official {ARCHIVE}; another "
-                        f"CIFAR-format copy needs its md5 in ${MD5SUMS_ENV})")
-
-
-class _Unsafe(tarfile.FilterError):
-    def __init__(self, member: tarfile.TarInfo, why: str):
-        super().__init__(f"{member.name!r} {why}")
-        self.tarinfo = member
-
-
-def _cifar_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """tarfile's "data" filter (nothing outside `dest`, no device, no link pointing out), stricter still: links
-    are refused too (no member can then be written through one), and so are absolute names, which "data" would
-    quietly make relative. The official archive holds folders and regular files only."""
-    if member.issym() or member.islnk():
-        raise _Unsafe(member, "is a symbolic link" if member.issym() else "is a hard link")
-    if not (member.isreg() or member.isdir()):
-        raise _Unsafe(member, "is a device or a FIFO")
-    if member.name.startswith("/"):
-        raise _Unsafe(member, "has an absolute path")
-    return tarfile.data_filter(member, dest)
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -280,7 +121,7 @@ class _VerifiedBatch(CIFAR10):
         # torchvision's own check only says "Dataset not found or corrupted": name the file and the cause.
         folder = Path(self.root) / self.base_folder
         for name, md5 in [[META, self.meta["md5"]], *self.train_list]:
-            _verify(folder, name, md5, str(folder), " (run the download stage)")
+            verify(folder, name, md5, str(folder), " (run the download stage)")
         return True
 
     def _load_meta(self) -> None:
