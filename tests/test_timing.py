@@ -1,5 +1,5 @@
-"""The stages' part timer (cifar_resnet.timing) and the process age it starts from. Structural relations only: no
-wall-time value is asserted."""
+"""The stages' part timer (cifar_resnet.timing), the process age it starts from, and the lab's table of a repro's
+timing files. Structural relations only: no wall-time value is asserted."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import time
 import pytest
 
 from cifar_resnet import bootstrap
-from cifar_resnet.timing import PartTimer
+from cifar_resnet.lab import repro_timing
+from cifar_resnet.timing import PARTS, PartTimer
 
 
 def test_parts_are_recorded_in_order_after_the_process_start_and_sum_to_at_most_the_total():
@@ -90,3 +91,22 @@ def test_process_age_comes_from_the_kernel_and_else_from_the_first_import(monkey
     monkeypatch.setattr(bootstrap, "Path", lambda _: tmp_path / "no-proc")  # a system without /proc
     fallback = bootstrap.seconds_since_start()
     assert since_import <= fallback <= time.perf_counter() - bootstrap._IMPORTED_AT
+
+
+def test_the_repro_table_lists_each_stage_in_pipeline_order_with_a_sum_row(tmp_path, capsys):
+    records = {"gallery": ({"process_start": 1.0, "data": 0.5, "figures": 2.0}, 4.0),
+               "train": ({"process_start": 2.0, "data": 1.0, "training": 20.0, "outputs": 0.25}, 24.0)}
+    for stage, (parts, total) in records.items():
+        (tmp_path / f"{stage}.json").write_text(json.dumps({"parts": parts, "total": total, "seconds_total": 99}))
+    assert repro_timing.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["stage", "process_start", "data", "training", "figures", "outputs", "other", "total"]
+    assert lines[1].split() == ["train", "2.00", "1.00", "20.00", "0.25", "0.75", "24.00"]  # no figures cell
+    assert lines[2].split() == ["gallery", "1.00", "0.50", "2.00", "0.50", "4.00"]
+    assert lines[3].split() == ["sum", "3.00", "1.50", "20.00", "2.00", "0.25", "1.25", "28.00"]
+    assert set(PARTS) >= {"process_start", "data", "training", "figures", "outputs"}
+
+
+def test_the_repro_table_says_when_there_is_nothing_to_show(tmp_path, capsys):
+    assert repro_timing.main([str(tmp_path)]) == 1
+    assert "run `dvc repro` first" in capsys.readouterr().out
