@@ -6,6 +6,8 @@ from cifar_resnet.bootstrap import start_stage_process
 
 start_stage_process(fast_allocator=True)  # before torch is imported: see its docstring
 
+from functools import partial  # noqa: E402
+
 import numpy as np  # noqa: E402
 
 from cifar_resnet.atomic import write_json, write_npz, write_text  # noqa: E402
@@ -14,28 +16,37 @@ from cifar_resnet.data import load_split  # noqa: E402
 from cifar_resnet.evaluate import evaluate  # noqa: E402
 from cifar_resnet.loader import EvalLoader  # noqa: E402
 from cifar_resnet.model import load_trained  # noqa: E402
-from cifar_resnet.paths import CONFUSION_CSV, DATA_DIR, EVALUATE_JSON, MODEL, PREDICTIONS  # noqa: E402
-from cifar_resnet.runtime import pick_runtime  # noqa: E402
+from cifar_resnet.paths import (CONFUSION_CSV, DATA_DIR, EVALUATE_JSON, EVALUATE_TIMING, MODEL,  # noqa: E402
+                                PREDICTIONS)
+from cifar_resnet.runtime import pick_runtime, synchronize  # noqa: E402
 from cifar_resnet.stage_door import log, run_stage  # noqa: E402
+from cifar_resnet.timing import PartTimer  # noqa: E402
 
 
 def main() -> None:
+    timer = PartTimer()
     params = load_params()
     runtime = pick_runtime(params.train)
-    model, saved = load_trained(MODEL)
-    model = model.to(runtime.device, memory_format=runtime.memory_format)
-    split = evaluation_split(params)
-    images = load_split(DATA_DIR, split, params.data)
-    loader = EvalLoader(images.images, images.labels, params.evaluate.batch_size, saved["mean"], saved["std"],
-                        runtime.device, memory_format=runtime.memory_format)
-    loss, accuracy, probs = evaluate(model, loader, runtime, params.evaluate.tta)
-    probs = probs.cpu().numpy()
+    timer.sync = partial(synchronize, runtime.device)
+    with timer.part("data"):  # the weights and the images, on the device
+        model, saved = load_trained(MODEL)
+        model = model.to(runtime.device, memory_format=runtime.memory_format)
+        split = evaluation_split(params)
+        images = load_split(DATA_DIR, split, params.data)
+        loader = EvalLoader(images.images, images.labels, params.evaluate.batch_size, saved["mean"], saved["std"],
+                            runtime.device, memory_format=runtime.memory_format)
+    with timer.part("evaluation"):
+        loss, accuracy, probs = evaluate(model, loader, runtime, params.evaluate.tta)
+        probs = probs.cpu().numpy()
     true, pred = images.labels.numpy(), probs.argmax(1)
     classes = saved["classes"]
     per_class = {name: round(float((pred[true == k] == k).mean()), 6) if (true == k).any() else None
                  for k, name in enumerate(classes)}
-    write_npz(PREDICTIONS, probs=probs.astype(np.float32), labels=true, indices=np.arange(len(true)))
-    write_text(CONFUSION_CSV, "actual,predicted\n" + "".join(f"{classes[t]},{classes[p]}\n" for t, p in zip(true, pred)))
+    with timer.part("outputs"):
+        write_npz(PREDICTIONS, probs=probs.astype(np.float32), labels=true, indices=np.arange(len(true)))
+        write_text(CONFUSION_CSV, "actual,predicted\n" + "".join(f"{classes[t]},{classes[p]}\n"
+                                                              for t, p in zip(true, pred)))
+    timer.write(EVALUATE_TIMING)
     write_json(EVALUATE_JSON, metrics(split, params.evaluate.tta, accuracy, loss, len(true), per_class))
     log(f"evaluate: {split} accuracy {accuracy:.4f}, loss {loss:.4f} on {len(true)} images, TTA "
         f"{params.evaluate.tta} ({runtime.describe()})")

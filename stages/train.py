@@ -16,6 +16,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from functools import partial  # noqa: E402
 
 from cifar_resnet import checkpoint  # noqa: E402
 from cifar_resnet.atomic import write_json, write_text, write_tsv  # noqa: E402
@@ -27,12 +28,14 @@ from cifar_resnet.live import LiveHistory, wanted as live_wanted  # noqa: E402
 from cifar_resnet.model import save_trained, summary  # noqa: E402
 from cifar_resnet.paths import (DATA_DIR, LR_RANGE_JSON, MODEL, MODEL_SUMMARY, TRAIN_HISTORY,  # noqa: E402
                                 TRAIN_JSON, TRAIN_TIMING)
-from cifar_resnet.runtime import accelerator_names, cpu_model, pick_runtime  # noqa: E402
+from cifar_resnet.runtime import accelerator_names, cpu_model, pick_runtime, synchronize  # noqa: E402
 from cifar_resnet.stage_door import rank_log, run_stage  # noqa: E402
+from cifar_resnet.timing import PartTimer  # noqa: E402
 from cifar_resnet.train import train  # noqa: E402
 
 
 def main() -> None:
+    timer = PartTimer()
     params = load_params()
     if params.train.nproc > 1 and not under_torchrun():
         rc = relaunch_under_torchrun(params.train.nproc, sys.argv)
@@ -42,17 +45,19 @@ def main() -> None:
         return
     dist = Dist.from_env()
     with process_group(dist, params.train.device):
-        run(params, dist)
+        run(params, dist, timer)
 
 
-def run(params, dist: Dist) -> None:
+def run(params, dist: Dist, timer: PartTimer) -> None:
     started = time.perf_counter()
     log = rank_log(dist.is_main)
     runtime = pick_runtime(params.train, dist.local_rank, dist.local_world_size)
+    timer.sync = partial(synchronize, runtime.device)
     range_test = json.loads(LR_RANGE_JSON.read_text()) if LR_RANGE_JSON.is_file() else None
     lr_max, lr_min, source = resolve_lr_max(params, range_test)
-    data = load_configured(DATA_DIR, params.data)
-    mean, std = data.mean_std()
+    with timer.part("data"):
+        data = load_configured(DATA_DIR, params.data)
+        mean, std = data.mean_std()
     key, identity = checkpoint.run_identity(params, lr_max, lr_min, runtime, dist.world_size, expected_md5s())
     # Rank 0 holds the checkpoint folder from here until it is removed: no other live run of this config uses it.
     with checkpoint.claimed(key, identity, log=log) if dist.is_main else contextlib.nullcontext():
@@ -65,8 +70,11 @@ def run(params, dist: Dist) -> None:
         # (unless CIFAR_RESNET_LIVE=off: a run without DVC).
         live = LiveHistory() if dist.is_main and live_wanted() else None
         try:
-            result = train(params, data, mean, std, lr_max, lr_min, runtime, dist, run_key=key, log=log,
-                           on_epoch=live, started=started)
+            # The model's set-up, the data's copy to the device, a compile (in the first epoch) and the per-epoch
+            # evaluation included: per_epoch shows the first epoch's excess.
+            with timer.part("training"):
+                result = train(params, data, mean, std, lr_max, lr_min, runtime, dist, run_key=key, log=log,
+                               on_epoch=live, started=started)
         except DivergedError:
             if dist.is_main:
                 checkpoint.remove(key)  # resuming would only diverge again
@@ -75,11 +83,12 @@ def run(params, dist: Dist) -> None:
             if live is not None:
                 live.close()
         if dist.is_main:
-            write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min, source, started, log)
+            write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min, source, started, log, timer)
             checkpoint.remove(key)
 
 
-def write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min, source, started, log) -> None:
+def write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min, source, started, log,
+                  timer: PartTimer) -> None:
     """The weights and their summary, the history, the timing, and last the metrics (each file atomic)."""
     last = result.history[-1]
     metrics = {"lr_max": lr_max, "lr_min": lr_min, "lr_source": source, "epochs": params.train.epochs,
@@ -97,11 +106,14 @@ def write_outputs(params, data, mean, std, result, runtime, dist, lr_max, lr_min
               "channels_last": runtime.channels_last,
               "threads": runtime.threads, "processes": dist.world_size, "resumed_from_epoch": result.resumed_from,
               "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
-    save_trained(MODEL, result.model, params.model, mean, std, data.classes,
-                 {"lr_max": lr_max, "lr_min": lr_min, "epochs": params.train.epochs})
-    write_text(MODEL_SUMMARY, summary(result.model.cpu().float()) + "\n")
-    write_tsv(TRAIN_HISTORY, result.history)
-    write_json(TRAIN_TIMING, timing)
+    with timer.part("outputs"):
+        save_trained(MODEL, result.model, params.model, mean, std, data.classes,
+                     {"lr_max": lr_max, "lr_min": lr_min, "epochs": params.train.epochs})
+        write_text(MODEL_SUMMARY, summary(result.model.cpu().float()) + "\n")
+        write_tsv(TRAIN_HISTORY, result.history)
+    # This process's parts (from its start) beside the run's totals: `parts` is an object, not records, so that
+    # the per-epoch chart's records stay the only list in the file.
+    write_json(TRAIN_TIMING, {**timing, **timer.record()})
     write_json(TRAIN_JSON, metrics)
     split = next((s for s in ("test", "val") if f"{s}_acc" in last), None)
     score = f"{split} accuracy {last[f'{split}_acc']:.4f}" if split else "no per-epoch evaluation"

@@ -10,6 +10,7 @@ import importlib.util
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 # glibc hands large freed blocks (the activation buffers, re-allocated every step) back to the kernel and then
@@ -19,6 +20,19 @@ MALLOC_TUNABLE = "glibc.malloc.mmap_threshold=4294967296"
 MALLOC_SWITCH = "CIFAR_RESNET_MALLOC"
 _REEXEC_MARK = "_CIFAR_RESNET_REEXEC"
 _STARTED_WITH_TUNABLES = os.environ.get("GLIBC_TUNABLES", "")
+_IMPORTED_AT = time.perf_counter()
+
+
+def seconds_since_start() -> float:
+    """Seconds since this process started. On Linux from the kernel's record of the process (10 ms ticks): the
+    interpreter's start-up counts, and so does the time before `start_stage_process` re-executed it (the same
+    process). Elsewhere from the first import of this module in the current executable."""
+    try:
+        # Field 22 of /proc/self/stat, counted after the command name (which may hold spaces and parentheses).
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, AttributeError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED_AT
 
 
 def start_stage_process(fast_allocator: bool = True) -> None:
