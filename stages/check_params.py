@@ -11,17 +11,13 @@ start_stage_process(fast_allocator=False)  # before any third-party import: see 
 
 from cifar_resnet.atomic import write_text  # noqa: E402
 from cifar_resnet.config import load_params  # noqa: E402
-from cifar_resnet.paths import CHECK_PARAMS_TIMING, PARAMS_CHECKED  # noqa: E402
+from cifar_resnet.paths import PARAMS_CHECKED  # noqa: E402
 from cifar_resnet.stage_door import log, run_stage  # noqa: E402
-from cifar_resnet.timing import PartTimer  # noqa: E402
 
 
 def main() -> None:
-    timer = PartTimer()
-    with timer.part("params"):
-        load_params()
+    load_params()
     write_text(PARAMS_CHECKED, "params.yaml passed validation\n")
-    timer.write(CHECK_PARAMS_TIMING)
     log("params.yaml: every key valid")
 
 

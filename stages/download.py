@@ -13,18 +13,14 @@ import sys  # noqa: E402
 from cifar_resnet.config import load_params  # noqa: E402
 from cifar_resnet.data import load_cifar10  # noqa: E402
 from cifar_resnet.fetch import fetch  # noqa: E402
-from cifar_resnet.paths import DATA_DIR, DOWNLOAD_TIMING  # noqa: E402
+from cifar_resnet.paths import DATA_DIR  # noqa: E402
 from cifar_resnet.stage_door import log, run_stage  # noqa: E402
-from cifar_resnet.timing import PartTimer  # noqa: E402
 
 
 def main() -> None:
-    timer = PartTimer()
     params = load_params()
-    with timer.part("data"):
-        source = fetch(DATA_DIR, params.data.url, progress=sys.stderr.isatty())
-        data = load_cifar10(DATA_DIR)  # every batch parses into images and labels of the right shape
-    timer.write(DOWNLOAD_TIMING)
+    source = fetch(DATA_DIR, params.data.url, progress=sys.stderr.isatty())
+    data = load_cifar10(DATA_DIR)  # every batch parses into images and labels of the right shape
     log(f"verified CIFAR-10 from {source}: {len(data.train_images)} training and {len(data.test_images)} test images")
 
 

@@ -4,8 +4,6 @@ from pathlib import Path
 
 PARAMS_CHECKED = Path("data/params_checked.txt")
 # Wall time of each stage's parts (cifar_resnet.timing); the train stage's is TRAIN_TIMING
-CHECK_PARAMS_TIMING = Path("timing/check_params.json")
-DOWNLOAD_TIMING = Path("timing/download.json")
 LR_RANGE_TIMING = Path("timing/lr_range_test.json")
 EVALUATE_TIMING = Path("timing/evaluate.json")
 GALLERY_TIMING = Path("timing/gallery.json")

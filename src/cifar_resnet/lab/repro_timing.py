@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cifar_resnet.timing import PARTS
 
-STAGES = ("check_params", "download", "lr_range_test", "train", "evaluate", "gallery")
+STAGES = ("lr_range_test", "train", "evaluate", "gallery")  # check_params and download keep no timing file
 
 
 def read_timings(folder: Path) -> dict[str, dict]:
