@@ -4,7 +4,8 @@ They live under the user's cache directory ($CIFAR_RESNET_CACHE, else $XDG_CACHE
 ~/.cache/cifar_resnet), in a folder named by a hash of everything that shapes the run (the params train reads, the
 resolved device kind, precision and process count, the source of every cifar_resnet module loaded and of the stage
 script, the data's md5s). A queued experiment, which runs in a temporary copy of the repo, therefore finds its own
-checkpoint after a restart, and a checkpoint made under other params, runtime or code is never resumed from. The folder is removed when the stage succeeds.
+checkpoint after a restart, and a checkpoint made under other params, runtime or code is never resumed from. The
+folder is removed when the stage succeeds.
 
 A run holds an exclusive lock on its folder for its whole life (`claimed`); the system drops it when the process
 ends, however it ends. A folder no live process holds is free to resume from, whichever workspace or queued copy

@@ -32,10 +32,10 @@ def fetch(dest: str | Path, url: str, mirror: str | None = None, md5s: dict[str,
     """Write the verified CIFAR-10 folder to `dest` and return a description of where it came from.
 
     `mirror` (default: $CIFAR10_MIRROR) is a local folder holding `cifar-10-batches-py/`, the archive, or the files
-    themselves; without it the archive is downloaded from `url`. An archive's md5 is checked before it is
-    unpacked (see `data.expected_md5s_and_archive`), and no member may land outside the folder it is unpacked in. Every file's md5 is
-    checked against `data.expected_md5s(md5s)`; on any failure, running out of disk space included, `dest` is left as
-    it was and nothing else remains beside it.
+    themselves; without it the archive is downloaded from `url`. An archive's md5 is checked before it is unpacked
+    (see `data.expected_md5s_and_archive`), and no member may land outside the folder it is unpacked in. Every file's
+    md5 is checked against `data.expected_md5s(md5s)`; on any failure, running out of disk space included, `dest` is
+    left as it was and nothing else remains beside it.
     """
     dest, (md5s, archive_md5) = Path(dest), expected_md5s_and_archive(md5s)
     mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV) or None

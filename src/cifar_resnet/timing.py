@@ -21,6 +21,7 @@ from cifar_resnet.bootstrap import seconds_since_start
 # Every part a stage may time, in the order a stage's work goes (tables list them so; a JSON file sorts its keys).
 PARTS = ("process_start", "data", "range_test", "training", "evaluation", "figures", "outputs")
 
+
 class PartTimer:
     def __init__(self, sync: Callable[[], None] | None = None):
         self.sync = sync  # set once the device is known: e.g. functools.partial(runtime.synchronize, device)

@@ -42,7 +42,8 @@ def table(timings: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cifar_resnet.lab.repro_timing", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cifar_resnet.lab.repro_timing",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", nargs="?", default="timing", type=Path, help="the timing folder (default: timing)")
     args = parser.parse_args(argv)
     timings = read_timings(args.folder)
